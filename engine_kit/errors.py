@@ -1,0 +1,44 @@
+"""Typed errors raised by engine_kit.
+
+Every message says what happened, shows the offending value and ends with
+"To fix: ..." so the user knows the next move without reading our source.
+"""
+
+from __future__ import annotations
+
+
+def fix_message(problem: str, fix: str) -> str:
+    """Join a problem statement and its remedy in the house style.
+
+    >>> fix_message("accumulation_steps=0 is below 1.", "pass an integer >= 1.")
+    'accumulation_steps=0 is below 1. To fix: pass an integer >= 1.'
+    """
+    return f"{problem} To fix: {fix}"
+
+
+class HandlerError(RuntimeError):
+    """An event handler raised; the message names the handler and the event.
+
+    The original exception is kept as ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, handler_name: str, event: str) -> None:
+        super().__init__(message)
+        self.handler_name = handler_name
+        self.event = event
+
+
+class CheckpointError(RuntimeError):
+    """Base class of every checkpoint failure."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written; older checkpoints are untouched."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file is truncated, empty, altered or not a checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint does not fit the live objects; nothing was applied."""

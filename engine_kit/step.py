@@ -1,0 +1,186 @@
+"""The training step: AMP, exact sample-weighted accumulation, clip after unscale."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine
+from torch.nn.parallel import DistributedDataParallel
+
+from engine_kit.batch import BatchSizeFn, PrepareBatch
+from engine_kit.errors import fix_message
+from engine_kit.events import StepEvents
+from engine_kit.precision import Precision
+from engine_kit.state import StepOutput
+
+
+def _check_loss(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            fix_message(
+                f"loss_fn returned a {type(loss).__name__}, not a tensor.",
+                "return a scalar tensor from loss_fn, e.g. torch.nn.functional.cross_entropy(y_pred, y).",
+            )
+        )
+    if loss.dim() != 0:
+        raise ValueError(
+            fix_message(
+                f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar.",
+                "reduce it to the mean over the batch (reduction='mean' or .mean()).",
+            )
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            fix_message(
+                "the loss does not require grad: it was computed without autograd "
+                "(under torch.no_grad(), or from detached tensors or frozen parameters).",
+                "compute the loss from the model's output inside loss_fn, with gradients enabled.",
+            )
+        )
+
+
+class TrainStep:
+    """The trainer's process function; one call handles one micro-batch.
+
+    Exact weighting: the gradient applied when a window closes is the gradient
+    of the mean loss over all samples of the window, whatever its size. Each
+    micro-batch's loss is scaled by ``n / planned_total`` where ``planned_total``
+    is ``window_length * sample_reference``; when the window turns out to hold
+    another number of samples (ragged tail, uneven last batch, token counts) the
+    gradients are multiplied by ``planned_total / actual_total`` once, after
+    unscaling. With equal batches this is the textbook ``loss / accumulation_steps``
+    and no correction runs.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        device: torch.device,
+        precision: Precision,
+        accumulation_steps: int,
+        max_grad_norm: float | None,
+        prepare_batch: PrepareBatch,
+        non_blocking: bool,
+        batch_size_fn: BatchSizeFn,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.device = device
+        self.precision = precision
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.prepare_batch = prepare_batch
+        self.non_blocking = non_blocking
+        self.batch_size_fn = batch_size_fn
+        self.scaler = precision.make_scaler()
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._ddp = isinstance(model, DistributedDataParallel)
+        self._window_length = 0
+        self._window_total = 0.0
+        self._window_samples: int | torch.Tensor = 0
+
+    def __call__(self, engine: Engine, batch: Any) -> StepOutput:
+        state = engine.state
+        x, y = self.prepare_batch(batch, self.device, self.non_blocking)
+        num_samples = self.batch_size_fn(x, y)
+        if state.window_position == 0:
+            self._open_window(engine, num_samples)
+        closes_window = state.window_position + 1 >= self._window_length
+        # DDP all-reduces on every backward unless told not to: only the last
+        # micro-batch of a window needs synchronized gradients.
+        sync = contextlib.nullcontext() if closes_window or not self._ddp else self.model.no_sync()
+        with sync:
+            with self.precision.autocast():
+                loss = self.loss_fn(self.model(x), y)
+            _check_loss(loss)
+            self.scaler.scale(loss * (num_samples / self._window_total)).backward()
+        state.window_position += 1
+        self._window_samples = self._window_samples + num_samples
+        engine.fire_event(StepEvents.BACKWARD_COMPLETED)
+        output = StepOutput(loss.detach(), None, False, num_samples)
+        if closes_window:
+            output = self.close_window(engine, output)
+        return output
+
+    def _open_window(self, engine: Engine, num_samples: int | torch.Tensor) -> None:
+        state = engine.state
+        if state.sample_reference is None:
+            state.sample_reference = self._reference_count(num_samples)
+        self._window_length = self._planned_length(engine)
+        self._window_total = self._window_length * state.sample_reference
+        self._window_samples = 0
+
+    def _reference_count(self, num_samples: int | torch.Tensor) -> float:
+        # Read once per run (a single host sync if batch_size_fn returns a tensor).
+        reference = float(num_samples)
+        if self._ddp:
+            # Every rank must weight in the same unit for the DDP average to be a mean.
+            reference = float(idist.all_reduce(reference)) / idist.get_world_size()
+        if reference <= 0:
+            raise ValueError(
+                fix_message(
+                    f"batch_size_fn counted {reference} samples in the first batch.",
+                    "make batch_size_fn return the positive number of samples (or tokens) of a batch.",
+                )
+            )
+        return reference
+
+    def _planned_length(self, engine: Engine) -> int:
+        epoch_length = engine.state.epoch_length
+        if epoch_length is None:
+            # A loader without a length: the epoch end flushes a short window.
+            return self.accumulation_steps
+        position = (engine.state.iteration - 1) % epoch_length
+        return min(self.accumulation_steps, epoch_length - position)
+
+    def _correction(self) -> float | torch.Tensor | None:
+        total = self._window_samples
+        if self._ddp:
+            total = torch.as_tensor(total, dtype=torch.float32, device=self.device)
+            total = idist.all_reduce(total.clone()) / idist.get_world_size()
+        if isinstance(total, torch.Tensor):
+            return self._window_total / total.to(torch.float32)
+        if total == self._window_total:
+            return None
+        return self._window_total / total
+
+    def close_window(self, engine: Engine, output: StepOutput) -> StepOutput:
+        """Unscale, reweight, clip, step and reset the gradients of the open window."""
+        state = engine.state
+        state.windows += 1
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        factor = self._correction()
+        if factor is not None and grads:
+            torch._foreach_mul_(grads, factor)
+        engine.fire_event(StepEvents.GRADIENTS_READY)
+        if self.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        stepped = True
+        if self.scaler.is_enabled():
+            # GradScaler.step already synchronized to read its inf check, so this
+            # read is free; non-finite gradients are exactly what made it skip.
+            stepped = bool(torch.isfinite(grad_norm))
+        self.optimizer.zero_grad(set_to_none=True)
+        state.window_position = 0
+        self._window_samples = 0
+        output = StepOutput(output.loss, grad_norm.detach(), stepped, output.num_samples)
+        state.output = output  # step-event handlers read the output of this very iteration
+        if stepped:
+            state.optimizer_steps += 1
+            engine.fire_event(StepEvents.OPTIMIZER_STEP_COMPLETED)
+        else:
+            state.skipped_steps += 1
+            engine.fire_event(StepEvents.OPTIMIZER_STEP_SKIPPED)
+        return output

@@ -1,0 +1,3 @@
+"""Event handlers for engine_kit trainers; each usable alone."""
+
+__all__: list[str] = []
