@@ -27,3 +27,6 @@ def register_validation_events(trainer: Engine) -> None:
     for name, default in (("validations", 0), ("val_metrics", {}), ("val_history", [])):
         if not hasattr(state, name):
             setattr(state, name, default)
+    # The count is saved with the trainer's counters so "new since" comparisons survive a resume.
+    if "validations" not in trainer.state_dict_user_keys:
+        trainer.state_dict_user_keys.append("validations")

@@ -1,0 +1,179 @@
+"""Atomic file replacement: a final name only ever holds complete, durable bytes.
+
+The write path (RELIABILITY.md, normative):
+
+1. ``mkstemp`` in the *same* directory as the final name, with an engine_kit
+   name (``.ek-tmp-<pid>-<random>``), write, ``flush``, ``os.fsync(file)``.
+2. ``os.replace(tmp, final)``, then ``fsync`` the directory.
+
+Any failure on the way removes the temp file and raises
+:class:`~engine_kit.errors.CheckpointWriteError`; the final name keeps its
+old content (or stays absent).
+
+Symlink policy: if the final name is a symlink, :func:`atomic_write` refuses.
+``os.replace`` would only swap the link itself (never write through it), so
+even a link planted between our check and the rename cannot make us modify
+the file it points at; the refusal just makes the situation loud.
+
+``os.fsync`` and ``os.replace`` are looked up on the ``os`` module at call
+time so tests can record the syscall order by monkeypatching them.
+
+>>> import tempfile, pathlib
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> atomic_write(folder / "a.bin", lambda f: f.write(b"hello"))
+>>> (folder / "a.bin").read_bytes()
+b'hello'
+>>> sweep_stale_temps(folder)
+[]
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from typing import IO, Any
+
+from engine_kit.errors import CheckpointWriteError, fix_message
+
+TEMP_PREFIX = ".ek-tmp-"
+
+# Filesystems that cannot fsync a directory say so with these; the rename is
+# still atomic there, only its durability is the filesystem's business.
+_DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
+
+
+def temp_prefix() -> str:
+    """The ``mkstemp`` prefix for this process: ``.ek-tmp-<pid>-``.
+
+    >>> temp_prefix().startswith(TEMP_PREFIX)
+    True
+    """
+    return f"{TEMP_PREFIX}{os.getpid()}-"
+
+
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Make a rename or unlink inside ``path`` durable by fsyncing the directory.
+
+    Args:
+        path: the directory.
+
+    Raises:
+        OSError: the directory cannot be opened or fsynced (except on
+            filesystems that do not support a directory fsync at all).
+
+    >>> import tempfile
+    >>> fsync_directory(tempfile.gettempdir())
+    """
+    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _refuse_symlink(path: str) -> None:
+    """Raise when ``path`` is a symlink: we never write through (or at) one."""
+    if os.path.islink(path):
+        raise CheckpointWriteError(
+            fix_message(
+                f"Refusing to write {path!r}: it is a symlink (to {os.readlink(path)!r}) and "
+                "engine_kit never writes through links.",
+                "remove the link or choose another checkpoint name.",
+            )
+        )
+
+
+def _remove_quietly(path: str) -> None:
+    """Best-effort removal of our temp file; the original error matters more."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        # Left for sweep_stale_temps at the next start-up.
+        pass
+
+
+def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], Any]) -> None:
+    """Write a file so that its final name never holds partial bytes.
+
+    Args:
+        path: the final file name; its directory must exist.
+        write_fn: called with a binary file object open on the temp file; it
+            writes the content and returns anything (ignored).
+
+    Raises:
+        CheckpointWriteError: anything failed (ENOSPC, EIO, an exception in
+            ``write_fn``, a symlink at ``path``); the temp file is removed and
+            the final name is untouched. The cause is chained as ``__cause__``.
+    """
+    final = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(final)
+    _refuse_symlink(final)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix())
+    except OSError as exc:
+        raise CheckpointWriteError(
+            fix_message(
+                f"Cannot create a temp file in {directory!r} to write {final!r}: {exc!r}.",
+                "make the directory exist and be writable, and check free space.",
+            )
+        ) from exc
+    try:
+        with os.fdopen(fd, "wb") as fileobj:
+            write_fn(fileobj)
+            fileobj.flush()
+            os.fsync(fileobj.fileno())
+        os.replace(tmp, final)
+    except BaseException as exc:
+        _remove_quietly(tmp)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt / SystemExit keep their meaning.
+        raise CheckpointWriteError(
+            fix_message(
+                f"Writing {final!r} failed: {exc!r}. The previous content of that name is untouched.",
+                "free disk space / fix the I/O error, or make the payload serializable, then save again.",
+            )
+        ) from exc
+    try:
+        fsync_directory(directory)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            fix_message(
+                f"{final!r} was renamed into place but fsync of its directory {directory!r} failed: "
+                f"{exc!r}; the rename may not survive a power loss.",
+                "check the filesystem for I/O errors, then save again.",
+            )
+        ) from exc
+
+
+def sweep_stale_temps(directory: str | os.PathLike[str]) -> list[str]:
+    """Remove engine_kit's own leftover temp files (``.ek-tmp-*``) from ``directory``.
+
+    Only regular files and symlinks whose names start with :data:`TEMP_PREFIX`
+    are removed (a link is unlinked, never followed); every other file, such
+    as a user's ``tmp123``, is left alone. Call it only while holding the
+    directory's lock, so a live writer's temp is never swept away.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        The removed file names, sorted.
+    """
+    removed = []
+    with os.scandir(os.fspath(directory)) as entries:
+        for entry in entries:
+            if not entry.name.startswith(TEMP_PREFIX) or entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(entry.name)
+    return sorted(removed)

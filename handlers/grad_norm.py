@@ -1,0 +1,207 @@
+"""GradNormLogger: the pre-clip gradient norm of every optimizer step, read in batches."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Mapping, Protocol
+
+import torch
+from ignite.engine import Engine, Events
+
+from engine_kit.errors import fix_message
+from engine_kit.events import StepEvents
+from engine_kit.stateful import register_stateful
+from handlers.base import Handler
+
+
+class NormWriter(Protocol):
+    """The part of a tensorboardX ``SummaryWriter`` that GradNormLogger uses."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> Any: ...
+
+    def add_histogram(self, tag: str, values: Any, global_step: int, bins: Any = ...) -> Any: ...
+
+
+def _require_step_events(engine: Engine, owner: str) -> None:
+    # Attached to an evaluator or a plain Engine, the logger would silently log nothing.
+    if not engine.has_registered_events(StepEvents.OPTIMIZER_STEP_COMPLETED):
+        raise RuntimeError(
+            fix_message(
+                f"{owner} needs an engine that fires StepEvents.OPTIMIZER_STEP_COMPLETED, "
+                f"but this {type(engine).__name__} has no StepEvents (is it an evaluator?).",
+                "attach it to the trainer that engine_kit.create_trainer(...) returned.",
+            )
+        )
+
+
+class GradNormLogger(Handler):
+    """Logs the pre-clip global gradient norm of every optimizer step.
+
+    Runs on ``StepEvents.OPTIMIZER_STEP_COMPLETED`` (once per optimizer step,
+    never per micro-batch, never on an fp16 step that GradScaler skipped). The
+    norm is the one the step already computed: unscaled, before clipping, as a
+    device tensor. It is buffered without a host sync; every ``flush_every``
+    steps, at the end of each epoch and when the run completes, the buffer is
+    read with a single transfer and turned into per-step values, clipping
+    counts and (with a ``writer``) TensorBoard records. A step counts as
+    clipped when its norm exceeds the trainer's ``max_grad_norm`` (never when
+    clipping is off).
+
+    Reading ``norms``, ``steps_seen``, ``steps_clipped`` or
+    ``clipped_fraction`` flushes what is pending first (one host sync), so the
+    values are always complete; read them on your own cadence, not per step.
+
+    Args:
+        flush_every: optimizer steps buffered between host transfers.
+        writer: optional tensorboardX ``SummaryWriter``-like object. Each flush
+            writes ``grad_norm/pre_clip`` for every step, then
+            ``grad_norm/clipped_fraction`` (running) and ``grad_norm/histogram``
+            (the finite norms of the flushed steps) at the last flushed step.
+        bins: the ``bins`` argument of ``writer.add_histogram`` (a numpy binning
+            name or a positive number of bins).
+
+    >>> import torch
+    >>> from engine_kit import create_trainer
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> trainer = create_trainer(model, opt, torch.nn.functional.mse_loss,
+    ...                          accumulation_steps=2, max_grad_norm=1e-3)
+    >>> logger = GradNormLogger(flush_every=2)
+    >>> logger.attach(trainer)
+    >>> data = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(6)]
+    >>> _ = trainer.run(data, max_epochs=1)
+    >>> [step for step, _ in logger.norms], logger.clipped_fraction
+    ([1, 2, 3], 1.0)
+    """
+
+    state_keys = ("norms", "steps_seen", "steps_clipped")
+
+    def __init__(
+        self, *, flush_every: int = 50, writer: NormWriter | None = None, bins: str | int = "tensorflow"
+    ) -> None:
+        super().__init__()
+        if isinstance(flush_every, bool) or not isinstance(flush_every, numbers.Integral):
+            raise TypeError(
+                fix_message(f"flush_every={flush_every!r} is not an integer.", "pass an integer >= 1, e.g. 50.")
+            )
+        if flush_every < 1:
+            raise ValueError(fix_message(f"flush_every={flush_every} is below 1.", "pass an integer >= 1, e.g. 50."))
+        if writer is not None and not (hasattr(writer, "add_scalar") and hasattr(writer, "add_histogram")):
+            raise TypeError(
+                fix_message(
+                    f"writer is a {type(writer).__name__} without add_scalar/add_histogram.",
+                    "pass a tensorboardX.SummaryWriter (or an object with the same two methods), or None.",
+                )
+            )
+        if isinstance(bins, bool) or not isinstance(bins, (str, numbers.Integral)) or (
+            isinstance(bins, numbers.Integral) and bins < 1
+        ):
+            raise ValueError(
+                fix_message(
+                    f"bins={bins!r} is neither a binning name nor a positive integer.",
+                    "pass bins='tensorflow' (the tensorboardX default), 'auto', or a number of bins such as 30.",
+                )
+            )
+        self.flush_every = int(flush_every)
+        self.writer = writer
+        self.bins = bins
+        # (optimizer step, norm on the device, clip threshold at that step)
+        self._pending: list[tuple[int, torch.Tensor, float | None]] = []
+        self._norms: list[tuple[int, float]] = []
+        self._steps_seen = 0
+        self._steps_clipped = 0
+        self._flushes = 0
+
+    def attach(self, engine: Engine) -> None:
+        """Log on ``engine``'s optimizer steps and register the statistics for checkpoints."""
+        _require_step_events(engine, type(self).__name__)
+        self._claim(engine)
+        engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.flush)
+        engine.add_event_handler(Events.COMPLETED, self.flush)
+        register_stateful(engine, "grad_norm", self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Buffer this optimizer step's norm (no host sync); flush when the buffer is full."""
+        norm = engine.state.output.grad_norm
+        if norm is None:
+            return
+        limit = getattr(getattr(engine, "step", None), "max_grad_norm", None)
+        # A copy, so a step that reuses its output buffer (graph replay) cannot
+        # overwrite values still waiting for the flush.
+        self._pending.append((engine.state.optimizer_steps, norm.detach().to(torch.float32, copy=True), limit))
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the buffered norms with one host transfer and update statistics and writer."""
+        if not self._pending:
+            return
+        steps, tensors, limits = zip(*self._pending)
+        values = torch.stack(tensors).tolist()  # the single host sync of this batch of steps
+        self._pending.clear()
+        self._flushes += 1
+        for step, value, limit in zip(steps, values, limits):
+            self._norms.append((step, value))
+            self._steps_seen += 1
+            # NaN compares False: a non-finite norm is logged but never counted as clipped.
+            self._steps_clipped += limit is not None and value > limit
+            if self.writer is not None:
+                self.writer.add_scalar("grad_norm/pre_clip", value, step)
+        if self.writer is not None:
+            self.writer.add_scalar("grad_norm/clipped_fraction", self._clipped_fraction(), steps[-1])
+            finite = [v for v in values if math.isfinite(v)]
+            if finite:  # numpy cannot bin NaN/inf
+                self.writer.add_histogram("grad_norm/histogram", torch.tensor(finite), steps[-1], bins=self.bins)
+
+    def _clipped_fraction(self) -> float:
+        return self._steps_clipped / self._steps_seen if self._steps_seen else 0.0
+
+    @property
+    def norms(self) -> list[tuple[int, float]]:
+        """``(optimizer_step, pre-clip norm)`` for every step seen, oldest first (a copy)."""
+        self.flush()
+        return list(self._norms)
+
+    @property
+    def steps_seen(self) -> int:
+        """Optimizer steps logged so far."""
+        self.flush()
+        return self._steps_seen
+
+    @property
+    def steps_clipped(self) -> int:
+        """Optimizer steps whose pre-clip norm exceeded ``max_grad_norm``."""
+        self.flush()
+        return self._steps_clipped
+
+    @property
+    def clipped_fraction(self) -> float:
+        """``steps_clipped / steps_seen`` (0.0 before the first step)."""
+        self.flush()
+        return self._clipped_fraction()
+
+    @property
+    def flushes(self) -> int:
+        """Host transfers made so far (one per flush that had values to read)."""
+        return self._flushes
+
+    def state_dict(self) -> dict[str, Any]:
+        self.flush()
+        return {"norms": list(self._norms), "steps_seen": self._steps_seen, "steps_clipped": self._steps_clipped}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        missing = [k for k in self.state_keys if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in self.state_keys]
+        if missing or unexpected:
+            raise ValueError(
+                fix_message(
+                    f"GradNormLogger.load_state_dict got missing keys {missing} and unexpected keys {unexpected}.",
+                    "pass the dict that GradNormLogger.state_dict() returned.",
+                )
+            )
+        self._pending.clear()  # values buffered before the load belong to the abandoned timeline
+        self._norms = [(int(step), float(value)) for step, value in state_dict["norms"]]
+        self._steps_seen = int(state_dict["steps_seen"])
+        self._steps_clipped = int(state_dict["steps_clipped"])

@@ -1,0 +1,437 @@
+"""StepLog: one JSON line per optimizer step, written in batches; CSV export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import numbers
+import os
+import time
+import warnings
+from typing import Any, Mapping
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+
+from engine_kit.errors import fix_message
+from engine_kit.events import StepEvents
+from engine_kit.stateful import register_stateful
+from handlers.base import Handler
+
+FIELDS = ("step", "epoch", "iteration", "loss", "lr", "grad_norm", "clipped", "skipped", "samples_per_s", "time")
+
+
+def check_positive_int(name: str, value: Any, example: int) -> int:
+    """``value`` as an int, or a TypeError/ValueError in the house style."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(fix_message(f"{name}={value!r} is not an integer.", f"pass an integer >= 1, e.g. {example}."))
+    if value < 1:
+        raise ValueError(fix_message(f"{name}={value} is below 1.", f"pass an integer >= 1, e.g. {example}."))
+    return int(value)
+
+
+def require_step_events(engine: Engine, owner: str) -> None:
+    """Refuse an engine without ``StepEvents``: the handler would silently log nothing."""
+    if not engine.has_registered_events(StepEvents.OPTIMIZER_STEP_COMPLETED):
+        raise RuntimeError(
+            fix_message(
+                f"{owner} needs an engine that fires StepEvents.OPTIMIZER_STEP_COMPLETED, "
+                f"but this {type(engine).__name__} has no StepEvents (is it an evaluator?).",
+                "attach it to the trainer that engine_kit.create_trainer(...) returned.",
+            )
+        )
+
+
+def fetch(values: list[Any]) -> list[Any]:
+    """``values`` with every scalar tensor replaced by a float: one host transfer per device.
+
+    >>> fetch([torch.tensor(0.5), 3, None, torch.tensor(2)])
+    [0.5, 3, None, 2.0]
+    """
+    by_device: dict[torch.device, list[int]] = {}
+    for i, value in enumerate(values):
+        if isinstance(value, torch.Tensor):
+            by_device.setdefault(value.device, []).append(i)
+    result = list(values)
+    for indices in by_device.values():
+        host = torch.stack([values[i].detach().reshape(()).float() for i in indices]).tolist()
+        for i, value in zip(indices, host):
+            result[i] = value
+    return result
+
+
+def learning_rates(engine: Engine) -> list[float | torch.Tensor]:
+    """The learning rate of each param group of the trainer's optimizer, without a host sync.
+
+    A rate kept in a device tensor (capturable optimizers) is copied, not read.
+    """
+    optimizer = getattr(getattr(engine, "step", None), "optimizer", None)
+    if optimizer is None:
+        return []
+    rates: list[float | torch.Tensor] = []
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        rates.append(lr.detach().clone() if isinstance(lr, torch.Tensor) else float(lr))
+    return rates
+
+
+class StepWindow:
+    """The loss, samples and learning rates of one accumulation window, kept on the device.
+
+    The window's loss is the sample-weighted mean of its micro-batch losses:
+    the loss whose gradient the optimizer step applied (the plain mean with
+    equal batches). ``attach`` adds every micro-batch on ``ITERATION_COMPLETED``
+    and reads the learning rates on ``GRADIENTS_READY``, before the step, so a
+    scheduler advancing on the step event cannot change the rate logged for
+    it. ``close(engine)`` runs on the step event, where the closing micro-batch
+    is already ``engine.state.output``: ``add`` ignores a second call for the
+    same iteration, so that micro-batch counts once.
+
+    >>> window = StepWindow()
+    >>> window.add(1, torch.tensor(1.0), 4); window.add(1, torch.tensor(1.0), 4)
+    >>> window.add(2, torch.tensor(4.0), 2)
+    >>> loss, samples, lrs = window.close()
+    >>> float(loss), samples, lrs
+    (2.0, 6, [])
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def attach(self, engine: Engine) -> None:
+        """Follow ``engine``'s micro-batches and windows."""
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.add_output)
+        engine.add_event_handler(StepEvents.GRADIENTS_READY, self.capture_lrs)
+
+    def add(self, iteration: int, loss: torch.Tensor, num_samples: int | torch.Tensor) -> None:
+        """Add the loss of micro-batch ``iteration`` weighted by its ``num_samples`` (once)."""
+        if iteration == self._iteration:
+            return
+        self._iteration = iteration
+        weighted = loss.detach().float() * num_samples
+        self._weighted = weighted if self._weighted is None else self._weighted + weighted
+        self._samples = self._samples + num_samples
+
+    def add_output(self, engine: Engine) -> None:
+        """Add the micro-batch in ``engine.state.output``."""
+        output = engine.state.output
+        if output is not None:
+            self.add(engine.state.iteration, output.loss, output.num_samples)
+
+    def capture_lrs(self, engine: Engine) -> None:
+        """Keep the learning rates the coming optimizer step uses."""
+        self._lrs = learning_rates(engine)
+
+    def close(self, engine: Engine | None = None) -> tuple[torch.Tensor | None, Any, list[Any]]:
+        """``(mean loss as a device tensor, samples, learning rates)``; the next window starts empty."""
+        if engine is not None:
+            self.add_output(engine)
+        weighted, samples, lrs = self._weighted, self._samples, self._lrs
+        iteration = self._iteration
+        self.reset()
+        self._iteration = iteration
+        if lrs is None:
+            lrs = learning_rates(engine) if engine is not None else []
+        return (None if weighted is None else weighted / samples), samples, lrs
+
+    def reset(self) -> None:
+        """Forget the open window (also after a checkpoint load)."""
+        self._iteration: int | None = None
+        self._weighted: torch.Tensor | None = None
+        self._samples: int | torch.Tensor = 0
+        self._lrs: list[Any] | None = None
+
+
+class StepLog(Handler):
+    """Writes one JSON line per optimizer step (and per fp16-skipped step) to ``path``.
+
+    Each line holds ``step`` (optimizer steps so far), ``epoch``,
+    ``iteration``, ``loss`` (the window's loss: the sample-weighted mean of
+    its micro-batch losses), ``lr`` (the rate the step used, of param group 0;
+    plus ``lrs`` with every group when there are several), ``grad_norm``
+    (pre-clip, unscaled),
+    ``clipped`` (``grad_norm > max_grad_norm``), ``skipped`` (GradScaler
+    skipped the step; ``step`` then repeats the last real step's number),
+    ``samples_per_s`` and ``time`` (Unix time of the step). Non-finite values
+    are written as ``NaN``/``Infinity``, which Python's ``json`` and pandas read.
+
+    ``samples_per_s`` divides the window's samples by the wall time from the
+    moment its first batch was requested to its step. On a GPU the step is
+    asynchronous, so single values are launch rates; averages over many
+    steps are true rates. Attach StepLog before a step-triggered Validation,
+    or that validation's time is counted in the window.
+
+    Rows keep their values as device tensors until a flush reads them all
+    with one transfer: every ``flush_every`` steps, at each epoch end and
+    when the run completes, terminates or fails. The file is opened for
+    appending; each flush writes whole lines and flushes the file.
+
+    Resume: the state (registered as "step_log") is the last written step and
+    the file length at that moment. Loading it truncates the lines a killed
+    run wrote after that checkpoint, so the resumed log continues with no
+    duplicate and no gap. Only rank 0 writes.
+
+    Args:
+        path: the ``.jsonl`` file (its directory must exist).
+        flush_every: optimizer steps buffered between two writes.
+
+    >>> import tempfile
+    >>> from engine_kit import create_trainer
+    >>> model = torch.nn.Linear(2, 1)
+    >>> trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    ...                          torch.nn.functional.mse_loss, accumulation_steps=2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "steps.jsonl")
+    >>> StepLog(path, flush_every=2).attach(trainer)
+    >>> _ = trainer.run([(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(5)], max_epochs=1)
+    >>> [(row["step"], row["iteration"], row["lr"]) for row in read_step_log(path)]
+    [(1, 2, 0.1), (2, 4, 0.1), (3, 5, 0.1)]
+    """
+
+    state_keys = ("step", "offset")
+
+    def __init__(self, path: str | os.PathLike[str], *, flush_every: int = 50) -> None:
+        super().__init__()
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                fix_message(f"path={path!r} is not a path.", "pass a file path such as 'runs/exp1/steps.jsonl'.")
+            )
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise ValueError(
+                fix_message(
+                    f"the directory of path={os.fspath(path)!r} does not exist.",
+                    f"create it first: os.makedirs({directory!r}, exist_ok=True).",
+                )
+            )
+        self.path = os.fspath(path)
+        self.flush_every = check_positive_int("flush_every", flush_every, 50)
+        self.step = 0  # the last step written to the file
+        self.offset: int | None = None  # the file length after the last write (None: not opened yet)
+        self._pending: list[dict[str, Any]] = []
+        self._window = StepWindow()
+        self._window_start: float | None = None
+        self._file: Any = None
+        self._writes = 0
+        self._enabled = True
+
+    def attach(self, trainer: Engine) -> None:
+        """Log ``trainer``'s optimizer steps and register the log position for checkpoints."""
+        require_step_events(trainer, type(self).__name__)
+        self._claim(trainer)
+        self._enabled = idist.get_rank() == 0
+        trainer.add_event_handler(Events.GET_BATCH_STARTED, self._start_clock)
+        if self._enabled:
+            self._window.attach(trainer)
+        trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self, False)
+        trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_SKIPPED, self, True)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.flush)
+        for event in (Events.COMPLETED, Events.TERMINATE):
+            trainer.add_event_handler(event, self.close)
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+        register_stateful(trainer, "step_log", self)
+
+    def _start_clock(self, engine: Engine) -> None:
+        if self._window_start is None and engine.state.window_position == 0:
+            self._window_start = time.perf_counter()
+
+    def __call__(self, engine: Engine, skipped: bool = False) -> None:
+        """Buffer this step's row with its values still on the device; flush when full."""
+        if not self._enabled:
+            return
+        state = engine.state
+        output = state.output
+        loss, samples, lrs = self._window.close(engine)
+        elapsed = time.perf_counter() - self._window_start if self._window_start is not None else None
+        self._window_start = None
+        grad_norm = output.grad_norm
+        self._pending.append(
+            {
+                "step": state.optimizer_steps,
+                "epoch": state.epoch,
+                "iteration": state.iteration,
+                "loss": loss,
+                # A copy: a step that reuses its output buffer must not change a pending value.
+                "grad_norm": None if grad_norm is None else grad_norm.detach().to(torch.float32, copy=True),
+                "max_grad_norm": getattr(getattr(engine, "step", None), "max_grad_norm", None),
+                "skipped": skipped,
+                "samples": samples,
+                "elapsed": elapsed,
+                "lrs": lrs,
+                "time": time.time(),
+            }
+        )
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the buffered rows with one transfer and append them to the file."""
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        flat = []
+        for row in rows:
+            flat += [row["loss"], row["grad_norm"], row["samples"], *row["lrs"]]
+        host = iter(fetch(flat))
+        lines = []
+        for row in rows:
+            loss, grad_norm, samples = next(host), next(host), next(host)
+            lrs = [next(host) for _ in row["lrs"]]
+            limit, elapsed = row["max_grad_norm"], row["elapsed"]
+            record = {
+                "step": row["step"],
+                "epoch": row["epoch"],
+                "iteration": row["iteration"],
+                "loss": loss,
+                "lr": lrs[0] if lrs else None,
+                "grad_norm": grad_norm,
+                # NaN compares False: a non-finite norm is never counted as clipped.
+                "clipped": bool(limit is not None and grad_norm is not None and grad_norm > limit),
+                "skipped": row["skipped"],
+                "samples_per_s": samples / elapsed if elapsed else None,
+                "time": row["time"],
+            }
+            if len(lrs) > 1:
+                record["lrs"] = lrs
+            lines.append(json.dumps(record) + "\n")
+        self._write("".join(lines))
+        self.step = rows[-1]["step"]
+
+    def _write(self, text: str) -> None:
+        if self._file is None:
+            self._file = open(self.path, "ab")
+            if self._file.tell() > 0 and not _ends_with_newline(self.path):
+                text = "\n" + text  # never glue a row onto a line torn by a crash
+        self._file.write(text.encode("utf-8"))
+        self._file.flush()
+        self.offset = self._file.tell()
+        self._writes += 1
+
+    def close(self) -> None:
+        """Write what is pending and close the file (a later row reopens it)."""
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _on_exception(self, engine: Engine, error: BaseException) -> None:
+        self.close()
+
+    @property
+    def writes(self) -> int:
+        """Writes (one host transfer each) made so far."""
+        return self._writes
+
+    def state_dict(self) -> dict[str, Any]:
+        self.flush()  # the checkpoint must cover every step taken so far
+        offset = self.offset
+        if offset is None:
+            offset = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        return {"step": self.step, "offset": offset}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.step, self.offset = int(self.step), int(self.offset)  # type: ignore[arg-type]
+        # Rows buffered before the load belong to the abandoned timeline.
+        self._pending.clear()
+        self._window.reset()
+        self._window_start = None
+        if self._enabled:
+            self._truncate(self.offset)
+
+    def _truncate(self, offset: int) -> None:
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        if size < offset:
+            warnings.warn(
+                f"{self.path} holds {size} bytes, fewer than the {offset} written up to step {self.step} "
+                "when the checkpoint was saved; rows are missing and new ones are appended after it.",
+                stacklevel=3,
+            )
+            return
+        if size == offset:
+            return
+        # Check that the line before the cut is the checkpoint's last row, so that a
+        # file the checkpoint was not written with is never cut (step 0: no row of ours yet).
+        last = _last_line_before(self.path, offset) if self.step > 0 else None
+        if self.step > 0 and (last is None or last.get("step") != self.step):
+            warnings.warn(
+                f"{self.path} does not end with step {self.step} at byte {offset} as the checkpoint says "
+                f"(found {last!r}); it was not truncated. Start a new log file for this run.",
+                stacklevel=3,
+            )
+            return
+        # Lines after the checkpoint were written by the run that crashed; the resumed run rewrites them.
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        os.truncate(self.path, offset)
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _last_line_before(path: str, offset: int) -> dict[str, Any] | None:
+    with open(path, "rb") as f:
+        start = max(0, offset - 65536)
+        f.seek(start)
+        chunk = f.read(offset - start)
+    lines = chunk.rstrip(b"\n").split(b"\n")
+    try:
+        return json.loads(lines[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def read_step_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a StepLog file, oldest first; a line torn by a crash is skipped with a warning.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "log.jsonl")
+    >>> with open(path, "w") as f:
+    ...     _ = f.write('{"step": 1, "loss": 0.5}\\n')
+    >>> read_step_log(path)
+    [{'step': 1, 'loss': 0.5}]
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                where = f"{os.fspath(path)}:{number}"
+                warnings.warn(f"{where} is not a JSON line (torn by a crash?); skipped.", stacklevel=2)
+    return rows
+
+
+def to_csv(jsonl_path: str | os.PathLike[str], csv_path: str | os.PathLike[str]) -> int:
+    """Export a StepLog file to CSV; returns the number of rows written.
+
+    Columns are the fields in the order first seen; ``lrs`` (several param
+    groups) is written as a JSON list, a missing value as an empty cell.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> with open(os.path.join(folder, "log.jsonl"), "w") as f:
+    ...     _ = f.write('{"step": 1, "loss": 0.5}\\n{"step": 2, "loss": 0.25}\\n')
+    >>> to_csv(os.path.join(folder, "log.jsonl"), os.path.join(folder, "log.csv"))
+    2
+    >>> print(open(os.path.join(folder, "log.csv")).read().strip())
+    step,loss
+    1,0.5
+    2,0.25
+    """
+    rows = read_step_log(jsonl_path)
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+    return len(rows)

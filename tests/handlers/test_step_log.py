@@ -1,0 +1,214 @@
+"""StepLog: one row per optimizer step with the step's true values, batched writes, CSV, resume."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ignite.engine import Events
+
+import engine_kit.trainer as trainer_module
+from engine_kit import StepEvents, create_evaluator, create_trainer
+from engine_kit.precision import Precision
+from engine_kit.training_state import capture_training_state, restore_training_state
+from handlers.step_log import FIELDS, StepLog, read_step_log, to_csv
+from tests.helpers import mlp, regression_batches
+
+
+def make(accumulation: int = 2, max_grad_norm: float | None = 1.5):
+    model = mlp(in_features=2, out=1)
+    body, head = list(model.parameters())[:2], list(model.parameters())[2:]
+    opt = torch.optim.SGD([{"params": body, "lr": 0.1}, {"params": head, "lr": 0.01}])
+    trainer = create_trainer(model, opt, F.mse_loss, accumulation_steps=accumulation, max_grad_norm=max_grad_norm)
+    return model, opt, trainer
+
+
+def decay_lr_on_step(trainer, opt):
+    # Attached before the log: the row must still show the rate its step used.
+    def decay():
+        opt.param_groups[0]["lr"] *= 0.5
+
+    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, decay)
+
+
+def record_truth(trainer):
+    """What the step really did, read with .item() (fine in a test)."""
+    truth = {"micro": {}, "steps": [], "lrs": []}
+
+    def micro_batch(e):
+        truth["micro"][e.state.iteration] = (e.state.output.loss.item(), e.state.output.num_samples)
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, micro_batch)
+    trainer.add_event_handler(
+        StepEvents.GRADIENTS_READY, lambda e: truth["lrs"].append([g["lr"] for g in e.step.optimizer.param_groups])
+    )
+    trainer.add_event_handler(
+        StepEvents.OPTIMIZER_STEP_COMPLETED,
+        lambda e: truth["steps"].append(
+            (e.state.optimizer_steps, e.state.epoch, e.state.iteration, e.state.output.grad_norm.item())
+        ),
+    )
+    return truth
+
+
+def test_one_row_per_step_with_the_step_values(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    _, opt, trainer = make()
+    decay_lr_on_step(trainer, opt)
+    log = StepLog(path, flush_every=3)
+    log.attach(trainer)
+    truth = record_truth(trainer)
+    batches = regression_batches(38, 4)  # 10 batches, the last of 2 samples: windows 2,2,2,2,2 per epoch
+    trainer.run(batches, max_epochs=2)
+    rows = read_step_log(path)
+    assert len(rows) == trainer.state.optimizer_steps == 10
+    previous_iteration = 0
+    for row, (step, epoch, iteration, norm), lrs in zip(rows, truth["steps"], truth["lrs"]):
+        assert list(row) == [*FIELDS, "lrs"]
+        assert (row["step"], row["epoch"], row["iteration"]) == (step, epoch, iteration)
+        window = [truth["micro"][i] for i in range(previous_iteration + 1, iteration + 1)]
+        previous_iteration = iteration
+        expected_loss = sum(loss * n for loss, n in window) / sum(n for _, n in window)
+        assert row["loss"] == pytest.approx(expected_loss, rel=1e-6)
+        assert row["grad_norm"] == pytest.approx(norm, rel=1e-6)
+        assert row["clipped"] is (norm > 1.5)
+        assert row["lr"] == pytest.approx(lrs[0]) and row["lrs"] == pytest.approx(lrs)
+        assert row["skipped"] is False
+        assert row["samples_per_s"] > 0 and row["time"] > 0
+    assert rows[4]["iteration"] == 10 and rows[4]["lr"] == pytest.approx(0.1 * 0.5**4)
+    assert any(r["clipped"] for r in rows) and not all(r["clipped"] for r in rows)
+    # Written in batches: steps 1-3, 4-5 (epoch end), 6-8, 9-10 (epoch end).
+    assert log.writes == 4
+
+
+def test_nothing_is_written_before_a_flush(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    _, _, trainer = make(accumulation=1, max_grad_norm=None)
+    StepLog(path, flush_every=3).attach(trainer)
+    sizes = []
+    size = lambda: path.stat().st_size if path.exists() else 0  # noqa: E731
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda: sizes.append(size()))
+    trainer.run(regression_batches(16, 2), max_epochs=1)  # 8 steps
+    assert sizes[0] == sizes[1] == 0 and sizes[2] > 0 and sizes[2] == sizes[4] < sizes[5]
+    rows = read_step_log(path)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["clipped"] is False and "lrs" in r for r in rows)
+
+
+def test_csv_export_has_the_same_rows(tmp_path):
+    path, csv_path = tmp_path / "steps.jsonl", tmp_path / "steps.csv"
+    _, _, trainer = make()
+    StepLog(path, flush_every=4).attach(trainer)
+    trainer.run(regression_batches(16, 4), max_epochs=2)
+    rows = read_step_log(path)
+    assert to_csv(path, csv_path) == len(rows) == 4
+    with open(csv_path, newline="") as f:
+        exported = list(csv.DictReader(f))
+    assert len(exported) == len(rows)
+    for row, line in zip(rows, exported):
+        assert list(line) == list(row)
+        for key, value in row.items():
+            if isinstance(value, list):
+                assert json.loads(line[key]) == value
+            elif isinstance(value, float):
+                assert float(line[key]) == value
+            else:
+                assert line[key] == str(value)
+
+
+def test_skipped_step_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda precision, device: Precision("fp16", "cpu"))
+    model = mlp(in_features=2, out=1)
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, precision="fp16",
+                             max_grad_norm=1.0)
+    path = tmp_path / "steps.jsonl"
+    StepLog(path).attach(trainer)
+    x, y = regression_batches(4, 4)[0]
+    trainer.run([(x, torch.full_like(y, float("inf"))), (x, y)], max_epochs=1)
+    rows = read_step_log(path)
+    assert [(r["step"], r["iteration"], r["skipped"]) for r in rows] == [(0, 1, True), (1, 2, False)]
+    assert not math.isfinite(rows[0]["grad_norm"]) and rows[0]["clipped"] is False
+    assert "lrs" not in rows[0]
+
+
+def run_with_checkpoint(path, batches, max_epochs, payloads=None, restore=None):
+    model, _, trainer = make()
+    log = StepLog(path, flush_every=100)
+    log.attach(trainer)
+    if payloads is not None:  # a copy of the state at the end of epoch 1, as a checkpoint file would hold
+        keep = lambda e: payloads.append(copy.deepcopy(capture_training_state(e)))  # noqa: E731
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), keep)
+    if restore is not None:
+        trainer.add_event_handler(Events.STARTED, lambda e: restore_training_state(e, restore))
+    trainer.run(batches, max_epochs=max_epochs)
+    return log
+
+
+def test_resume_truncates_rows_after_the_checkpoint(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    path.write_text('{"step": 7, "note": "an earlier run in the same file"}\n')
+    batches = regression_batches(16, 4)  # 2 steps per epoch
+    payloads = []
+    run_with_checkpoint(path, batches, 3, payloads=payloads)  # the "killed" run wrote steps 1..6
+    crashed = read_step_log(path)
+    assert [r["step"] for r in crashed] == [7, 1, 2, 3, 4, 5, 6]
+    assert payloads[0]["stateful"]["step_log"]["step"] == 2
+    run_with_checkpoint(path, batches, 3, restore=payloads[0])
+    resumed = read_step_log(path)
+    assert [r["step"] for r in resumed] == [7, 1, 2, 3, 4, 5, 6]  # no duplicate, no gap
+    assert resumed[:3] == crashed[:3]
+    for again, before in zip(resumed[3:], crashed[3:]):  # same model state, same data: same losses
+        assert again["loss"] == pytest.approx(before["loss"], rel=1e-6)
+        assert again["time"] > before["time"]
+
+
+def test_a_foreign_file_is_not_truncated(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    log = StepLog(path)
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    with pytest.warns(UserWarning, match="was not truncated"):
+        log.load_state_dict({"step": 5, "offset": 12})
+    assert len(read_step_log(path)) == 3
+    with pytest.warns(UserWarning, match="fewer than"):
+        log.load_state_dict({"step": 9, "offset": 10_000})
+    log.load_state_dict({"step": 1, "offset": 12})
+    assert read_step_log(path) == [{"step": 1}]
+    log.load_state_dict({"step": 0, "offset": 0})  # saved before this run wrote a row: all is the crashed run's
+    assert path.read_text() == ""
+    with pytest.raises(ValueError, match="missing keys \\['offset'\\].*To fix"):
+        log.load_state_dict({"step": 1})
+
+
+def test_torn_line_is_skipped_and_never_glued(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo')
+    with pytest.warns(UserWarning, match="not a JSON line"):
+        assert read_step_log(path) == [{"step": 1}]
+    _, _, trainer = make()
+    StepLog(path).attach(trainer)
+    trainer.run(regression_batches(8, 4), max_epochs=1)
+    with pytest.warns(UserWarning, match="not a JSON line"):
+        rows = read_step_log(path)
+    assert [r["step"] for r in rows] == [1, 1]
+
+
+def test_bad_options_and_attach_checks(tmp_path):
+    with pytest.raises(ValueError, match="flush_every=0 is below 1"):
+        StepLog(tmp_path / "a.jsonl", flush_every=0)
+    with pytest.raises(ValueError, match="does not exist.*To fix: create it first"):
+        StepLog(tmp_path / "missing" / "a.jsonl")
+    with pytest.raises(TypeError, match="is not a path"):
+        StepLog(3)
+    model, _, trainer = make()
+    log = StepLog(tmp_path / "a.jsonl")
+    with pytest.raises(RuntimeError, match="is it an evaluator"):
+        log.attach(create_evaluator(model))
+    log.attach(trainer)
+    with pytest.raises(RuntimeError, match="already attached"):
+        log.attach(trainer)
+    assert log.state_dict() == {"step": 0, "offset": 0}

@@ -1,0 +1,115 @@
+"""A small training run used by the resume tests, in a subprocess.
+
+It has every source of randomness that exact resume must reproduce: shuffled
+data order, random augmentation (in DataLoader workers when --workers > 0),
+dropout, an LR scheduler and accumulation. ``--crash-at-iteration`` kills the
+process with ``os._exit`` (inside an accumulation window when the iteration is
+not a window's last); running again with ``--resume`` continues from the
+newest valid checkpoint. The result JSON holds the per-step losses and a hash
+of the final parameters and optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Events
+
+from engine_kit import StepEvents, create_trainer
+from engine_kit.data_order import ResumableLoader
+from engine_kit.stateful import register_stateful
+from handlers.checkpoint import CheckpointRotation
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Fixed data plus noise and a random flip drawn per sample."""
+
+    def __init__(self, n: int = 48) -> None:
+        gen = torch.Generator().manual_seed(123)
+        self.x = torch.randn(n, 6, generator=gen)
+        self.y = torch.randint(0, 3, (n,), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        x = self.x[i] + 0.1 * torch.randn(6)
+        if torch.rand(()) < 0.5:
+            x = x.flip(0)
+        return x, self.y[i]
+
+
+class LossRecord:
+    """Per-step losses, saved in checkpoints so a resumed run's record is whole."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = list(state["losses"])
+
+
+def tensor_digest(tensors) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--every-steps", type=int, default=2)
+    parser.add_argument("--crash-at-iteration", type=int, default=None)
+    parser.add_argument("--crash-after-epoch", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
+    loader = ResumableLoader(Augmented(), batch_size=4, shuffle=True, seed=7, num_workers=args.workers)
+    trainer = create_trainer(model, optimizer, F.cross_entropy, accumulation_steps=args.accumulation, max_grad_norm=1.0)
+    register_stateful(trainer, "scheduler", scheduler)
+    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda: scheduler.step())
+    record = LossRecord()
+    register_stateful(trainer, "losses", record)
+    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda e: record.losses.append(e.state.output.loss.item()))
+    rotation = CheckpointRotation(args.dir, every_steps=args.every_steps, keep_last=2, resume="auto" if args.resume else None)
+    rotation.attach(trainer)
+    if args.crash_at_iteration is not None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=args.crash_at_iteration), lambda: os._exit(17))
+    if args.crash_after_epoch is not None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=args.crash_after_epoch), lambda: os._exit(17))
+    trainer.run(loader, max_epochs=args.epochs)
+    result = {
+        "losses": record.losses,
+        "params": tensor_digest(model.parameters()),
+        "optimizer": tensor_digest(
+            t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+        ),
+        "scheduler": scheduler.state_dict()["last_epoch"],
+        "lr": optimizer.param_groups[0]["lr"],
+        "optimizer_steps": trainer.state.optimizer_steps,
+        "resumed_from": trainer.state.resumed_from,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
