@@ -122,10 +122,17 @@ def plot_curves(steps: list[dict[str, Any]], run: dict[str, Any], path: Path) ->
     lines = loss_ax.get_legend_handles_labels()
     more = metric_ax.get_legend_handles_labels()
     loss_ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right")
-    loss_ax.set_title("Training loss and validation accuracy (one run, across the crash)")
+    title = f"Training loss and validation {metric}"
+    if run.get("resumes"):
+        title += " (one run, continued across the crash)"
+    loss_ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -135,8 +142,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         "",
         f"- dataset: {summary['dataset']}, device: {summary['device']}, precision: {summary['precision']}",
         f"- best checkpoint: `{best.get('name')}` (step {best.get('step')}, "
-        f"{summary['metric']} {best.get('metric')})",
-        f"- final {summary['metric']}: {summary['final_metric']} (best {summary['best_metric']})",
+        f"{summary['metric']} {_fmt(best.get('metric'))})",
+        f"- final {summary['metric']}: {_fmt(summary['final_metric'])} (best {_fmt(summary['best_metric'])})",
         f"- optimizer steps: {summary['optimizer_steps']}, skipped (fp16 overflow): {summary['skipped_steps']}",
         f"- steps clipped at {summary['max_grad_norm']}: {summary['clipped_fraction']:.1%}",
         f"- throughput: {summary['samples_per_s']} samples/s (median over steps)",

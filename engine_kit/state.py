@@ -50,6 +50,8 @@ def init_trainer_state(engine: Engine, scaler: torch.amp.GradScaler) -> None:
     state.sample_reference = None
     state.window_position = 0
     state.scaler = scaler
+    state.stopped_by = None  # a handler that ends the run early says why here
+    state.resumed_from = None  # the checkpoint a resumed run started from
     for key in SAVED_COUNTERS:
         if key not in engine.state_dict_user_keys:
             engine.state_dict_user_keys.append(key)

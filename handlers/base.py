@@ -1,12 +1,78 @@
-"""What every handler shares: attach once, state that round-trips with checked keys."""
+"""What every handler shares: checked options, attach once, state that round-trips with checked keys."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import numbers
+from typing import Any, Iterable, Mapping
 
 from ignite.engine import Engine
 
 from engine_kit.errors import fix_message
+from engine_kit.events import StepEvents
+
+
+def check_positive_int(name: str, value: Any, example: int) -> int:
+    """``value`` as an int, or a TypeError/ValueError in the house style.
+
+    >>> check_positive_int("flush_every", 50, 50)
+    50
+    >>> check_positive_int("flush_every", 0, 50)
+    Traceback (most recent call last):
+    ...
+    ValueError: flush_every=0 is below 1. To fix: pass an integer >= 1, e.g. 50.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(fix_message(f"{name}={value!r} is not an integer.", f"pass an integer >= 1, e.g. {example}."))
+    if value < 1:
+        raise ValueError(fix_message(f"{name}={value} is below 1.", f"pass an integer >= 1, e.g. {example}."))
+    return int(value)
+
+
+def require_step_events(engine: Engine, owner: str, *, subject: str = "it") -> None:
+    """Refuse an engine without ``StepEvents``: attached to it, ``owner`` would silently do nothing.
+
+    ``subject`` names what the fix tells the user to attach ("it": the handler).
+
+    >>> require_step_events(Engine(lambda e, b: None), "StepLog")
+    Traceback (most recent call last):
+    ...
+    RuntimeError: StepLog needs an engine that fires StepEvents.OPTIMIZER_STEP_COMPLETED, but this Engine has no \
+StepEvents (is it an evaluator?). To fix: attach it to the trainer that engine_kit.create_trainer(...) returned.
+    """
+    if not engine.has_registered_events(StepEvents.OPTIMIZER_STEP_COMPLETED):
+        raise RuntimeError(
+            fix_message(
+                f"{owner} needs an engine that fires StepEvents.OPTIMIZER_STEP_COMPLETED, "
+                f"but this {type(engine).__name__} has no StepEvents (is it an evaluator?).",
+                f"attach {subject} to the trainer that engine_kit.create_trainer(...) returned.",
+            )
+        )
+
+
+def check_state_keys(
+    owner: str, expected: Iterable[str], state_dict: Mapping[str, Any], *, source: str | None = None
+) -> None:
+    """Refuse a ``state_dict`` whose keys are not exactly ``expected``, naming both differences.
+
+    ``source`` names the call whose result to pass instead (default ``"<owner>.state_dict()"``).
+
+    >>> check_state_keys("Counter", ("count",), {"count": 3})
+    >>> check_state_keys("Counter", ("count",), {"cuont": 3})
+    Traceback (most recent call last):
+    ...
+    ValueError: Counter.load_state_dict got missing keys ['count'] and unexpected keys ['cuont']. \
+To fix: pass the dict that Counter.state_dict() returned.
+    """
+    expected = tuple(expected)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            fix_message(
+                f"{owner}.load_state_dict got missing keys {missing} and unexpected keys {unexpected}.",
+                f"pass the dict that {source or f'{owner}.state_dict()'} returned.",
+            )
+        )
 
 
 class Handler:
@@ -46,15 +112,6 @@ class Handler:
         return {key: getattr(self, key) for key in self.state_keys}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        missing = [k for k in self.state_keys if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in self.state_keys]
-        if missing or unexpected:
-            raise ValueError(
-                fix_message(
-                    f"{type(self).__name__}.load_state_dict got missing keys {missing} "
-                    f"and unexpected keys {unexpected}.",
-                    f"pass the dict that {type(self).__name__}.state_dict() returned.",
-                )
-            )
+        check_state_keys(type(self).__name__, self.state_keys, state_dict)
         for key in self.state_keys:
             setattr(self, key, state_dict[key])

@@ -11,7 +11,7 @@ from ignite.engine import Engine
 
 from engine_kit.errors import fix_message
 from engine_kit.stateful import register_stateful
-from handlers.base import Handler
+from handlers.base import Handler, check_positive_int, check_state_keys
 from handlers.events import ValidationEvents, register_validation_events
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,7 @@ class EarlyStopChecker:
     state_keys = ("mode", "best", "best_validation", "bad_validations", "validations")
 
     def __init__(self, *, patience: int, min_delta: float = 0.0, mode: str = "min") -> None:
-        if isinstance(patience, bool) or not isinstance(patience, numbers.Integral):
-            raise TypeError(fix_message(f"patience={patience!r} is not an integer.", "pass an integer >= 1, e.g. 3."))
-        if patience < 1:
-            raise ValueError(fix_message(f"patience={patience} is below 1.", "pass an integer >= 1, e.g. 3."))
+        patience = check_positive_int("patience", patience, 3)
         if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real):
             raise TypeError(fix_message(f"min_delta={min_delta!r} is not a number.", "pass a float >= 0, e.g. 1e-4."))
         if not 0 <= min_delta < math.inf:
@@ -106,15 +103,12 @@ class EarlyStopChecker:
         return {key: getattr(self, key) for key in self.state_keys}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        missing = [k for k in self.state_keys if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in self.state_keys]
-        if missing or unexpected:
-            raise ValueError(
-                fix_message(
-                    f"EarlyStopChecker.load_state_dict got missing keys {missing} and unexpected keys {unexpected}.",
-                    "pass the dict that EarlyStopChecker.state_dict() (or EarlyStopping.state_dict()) returned.",
-                )
-            )
+        check_state_keys(
+            "EarlyStopChecker",
+            self.state_keys,
+            state_dict,
+            source="EarlyStopChecker.state_dict() (or EarlyStopping.state_dict())",
+        )
         if state_dict["mode"] != self.mode:
             raise ValueError(
                 fix_message(

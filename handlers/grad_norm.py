@@ -12,7 +12,7 @@ from ignite.engine import Engine, Events
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful
-from handlers.base import Handler
+from handlers.base import Handler, check_positive_int, check_state_keys, require_step_events
 
 
 class NormWriter(Protocol):
@@ -21,18 +21,6 @@ class NormWriter(Protocol):
     def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> Any: ...
 
     def add_histogram(self, tag: str, values: Any, global_step: int, bins: Any = ...) -> Any: ...
-
-
-def _require_step_events(engine: Engine, owner: str) -> None:
-    # Attached to an evaluator or a plain Engine, the logger would silently log nothing.
-    if not engine.has_registered_events(StepEvents.OPTIMIZER_STEP_COMPLETED):
-        raise RuntimeError(
-            fix_message(
-                f"{owner} needs an engine that fires StepEvents.OPTIMIZER_STEP_COMPLETED, "
-                f"but this {type(engine).__name__} has no StepEvents (is it an evaluator?).",
-                "attach it to the trainer that engine_kit.create_trainer(...) returned.",
-            )
-        )
 
 
 class GradNormLogger(Handler):
@@ -81,12 +69,7 @@ class GradNormLogger(Handler):
         self, *, flush_every: int = 50, writer: NormWriter | None = None, bins: str | int = "tensorflow"
     ) -> None:
         super().__init__()
-        if isinstance(flush_every, bool) or not isinstance(flush_every, numbers.Integral):
-            raise TypeError(
-                fix_message(f"flush_every={flush_every!r} is not an integer.", "pass an integer >= 1, e.g. 50.")
-            )
-        if flush_every < 1:
-            raise ValueError(fix_message(f"flush_every={flush_every} is below 1.", "pass an integer >= 1, e.g. 50."))
+        self.flush_every = check_positive_int("flush_every", flush_every, 50)
         if writer is not None and not (hasattr(writer, "add_scalar") and hasattr(writer, "add_histogram")):
             raise TypeError(
                 fix_message(
@@ -103,7 +86,6 @@ class GradNormLogger(Handler):
                     "pass bins='tensorflow' (the tensorboardX default), 'auto', or a number of bins such as 30.",
                 )
             )
-        self.flush_every = int(flush_every)
         self.writer = writer
         self.bins = bins
         # (optimizer step, norm on the device, clip threshold at that step)
@@ -115,7 +97,7 @@ class GradNormLogger(Handler):
 
     def attach(self, engine: Engine) -> None:
         """Log on ``engine``'s optimizer steps and register the statistics for checkpoints."""
-        _require_step_events(engine, type(self).__name__)
+        require_step_events(engine, type(self).__name__)
         self._claim(engine)
         engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.flush)
@@ -192,15 +174,7 @@ class GradNormLogger(Handler):
         return {"norms": list(self._norms), "steps_seen": self._steps_seen, "steps_clipped": self._steps_clipped}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        missing = [k for k in self.state_keys if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in self.state_keys]
-        if missing or unexpected:
-            raise ValueError(
-                fix_message(
-                    f"GradNormLogger.load_state_dict got missing keys {missing} and unexpected keys {unexpected}.",
-                    "pass the dict that GradNormLogger.state_dict() returned.",
-                )
-            )
+        check_state_keys("GradNormLogger", self.state_keys, state_dict)
         self._pending.clear()  # values buffered before the load belong to the abandoned timeline
         self._norms = [(int(step), float(value)) for step, value in state_dict["norms"]]
         self._steps_seen = int(state_dict["steps_seen"])

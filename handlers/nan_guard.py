@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
-from engine_kit.errors import fix_message
 from engine_kit.stateful import add_save_veto
-from handlers.base import Handler
+from handlers.base import Handler, check_positive_int
 
 
 class NanGuard(Handler):
@@ -55,13 +53,7 @@ class NanGuard(Handler):
 
     def __init__(self, *, check_every: int = 10) -> None:
         super().__init__()
-        if isinstance(check_every, bool) or not isinstance(check_every, numbers.Integral):
-            raise TypeError(
-                fix_message(f"check_every={check_every!r} is not an integer.", "pass an integer >= 1, e.g. 10.")
-            )
-        if check_every < 1:
-            raise ValueError(fix_message(f"check_every={check_every} is below 1.", "pass an integer >= 1, e.g. 10."))
-        self.check_every = int(check_every)
+        self.check_every = check_positive_int("check_every", check_every, 10)
         # (iteration, device bool "non-finite"), read together at the next check
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._last_output: Any = None

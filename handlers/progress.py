@@ -10,8 +10,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as IgniteProgressBar
 
 from engine_kit.errors import fix_message
-from handlers.base import Handler
-from handlers.step_log import check_positive_int, fetch, learning_rates
+from handlers.base import Handler, check_positive_int
+from handlers.step_window import fetch, learning_rates
 
 
 class ProgressBar(Handler):

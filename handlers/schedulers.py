@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, R
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful
+from handlers.base import require_step_events
 from handlers.events import ValidationEvents, register_validation_events
 
 
@@ -108,14 +109,7 @@ def attach_scheduler(trainer: Engine, scheduler: LRScheduler, *, name: str = "sc
             )
         )
     name = _check_name(name)
-    if not trainer.has_registered_events(StepEvents.OPTIMIZER_STEP_COMPLETED):
-        raise RuntimeError(
-            fix_message(
-                f"attach_scheduler needs an engine that fires StepEvents.OPTIMIZER_STEP_COMPLETED, "
-                f"but this {type(trainer).__name__} has no StepEvents (is it an evaluator?).",
-                "attach the scheduler to the trainer that engine_kit.create_trainer(...) returned.",
-            )
-        )
+    require_step_events(trainer, "attach_scheduler", subject="the scheduler")
     _check_optimizer(trainer, scheduler)
     _claim_scheduler(trainer, scheduler)
     register_stateful(trainer, name, scheduler)

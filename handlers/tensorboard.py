@@ -12,9 +12,9 @@ from ignite.engine import Engine, Events
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful
-from handlers.base import Handler
+from handlers.base import Handler, check_positive_int, require_step_events
 from handlers.events import ValidationEvents, register_validation_events
-from handlers.step_log import StepWindow, check_positive_int, fetch, require_step_events
+from handlers.step_window import StepWindow, fetch
 
 
 class TensorBoardLogger(Handler):

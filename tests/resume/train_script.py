@@ -76,14 +76,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crash-at-iteration", type=int, default=None)
     parser.add_argument("--crash-after-epoch", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    model = model.to(args.device)  # on CUDA, dropout draws from the CUDA generator
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
     loader = ResumableLoader(Augmented(), batch_size=4, shuffle=True, seed=7, num_workers=args.workers)
-    trainer = create_trainer(model, optimizer, F.cross_entropy, accumulation_steps=args.accumulation, max_grad_norm=1.0)
+    trainer = create_trainer(model, optimizer, F.cross_entropy, device=args.device, precision=args.precision,
+                             accumulation_steps=args.accumulation, max_grad_norm=1.0)
     register_stateful(trainer, "scheduler", scheduler)
     trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda: scheduler.step())
     record = LossRecord()
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         "scheduler": scheduler.state_dict()["last_epoch"],
         "lr": optimizer.param_groups[0]["lr"],
         "optimizer_steps": trainer.state.optimizer_steps,
+        "skipped_steps": trainer.state.skipped_steps,
+        "scaler": trainer.state.scaler.state_dict(),
         "resumed_from": trainer.state.resumed_from,
     }
     with open(args.out, "w") as f:
