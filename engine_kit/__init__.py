@@ -3,6 +3,7 @@
 >>> from engine_kit import create_trainer, create_evaluator, StepEvents, StepOutput
 """
 
+from engine_kit.data_order import ResumableLoader
 from engine_kit.engine import GuardedEngine
 from engine_kit.errors import (
     CheckpointCorruptError,
@@ -27,6 +28,7 @@ __all__ = [
     "GuardedEngine",
     "HandlerError",
     "Precision",
+    "ResumableLoader",
     "StepEvents",
     "StepOutput",
     "create_evaluator",

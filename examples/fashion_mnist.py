@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     to_csv(run_dir / "steps.jsonl", run_dir / "steps.csv")
     summary = write_report(run_dir)
-    print(f"done: best {summary['metric']} {summary['best_metric']}, final {summary['final_metric']}, "
+    print(f"done: best {summary['metric']} {summary['best_metric']:.4f}, final {summary['final_metric']:.4f}, "
           f"{summary['clipped_fraction']:.0%} of steps clipped; see {run_dir}/summary.md")
     return summary
 
