@@ -7,10 +7,12 @@ about 302 MB. Two measurements, each side by side with a raw reference:
 1. **One save in isolation** (median over ``--repeats``, interleaved): a
    ``handlers.CheckpointRotation`` save, the way it runs at an epoch end
    (capture the training state, serialize, SHA-256 trailer, pickle scan,
-   atomic write + fsync of file and directory, registry update, rotation with
-   ``keep_last=2``), against a plain ``torch.save`` of model + optimizer state
-   to the same directory (no fsync, overwriting one file, as nanoGPT does) and
-   the same ``torch.save`` followed by ``fsync``. The engine_kit save is
+   atomic write + fsync of file and directory, registry update, rotation:
+   every save repeats the same optimizer step, so each one supersedes and
+   deletes the previous file, one deletion per save as in a steady run),
+   against a plain ``torch.save`` of model + optimizer state to the same
+   directory (no fsync, overwriting one file, as nanoGPT does) and the same
+   ``torch.save`` followed by ``fsync``. The engine_kit save is
    split by timing probes wrapped around the functions it calls.
 2. **The training stall** (``--stall-repeats`` interleaved repeats): a loop of
    ``--steps`` optimizer steps run with and without a save every ``--every``
@@ -25,7 +27,7 @@ given) that is removed at the end. ``--device cuda`` runs the same on a GPU
 
 Run from the repository root::
 
-    python benchmarks/checkpoint_save.py                  # CPU, ~2-3 minutes
+    python benchmarks/checkpoint_save.py                  # CPU, ~75 s on 2 cores
     python benchmarks/checkpoint_save.py --device cuda
     python benchmarks/checkpoint_save.py --smoke          # a tiny model, a few seconds
 """
@@ -34,12 +36,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import hashlib
 import json
 import os
-import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,7 +50,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-import ignite
 import torch
 from ignite.engine import Events
 
@@ -58,6 +58,8 @@ import engine_kit.checkpoint.registry as registry
 import handlers.checkpoint as checkpoint_handler
 from engine_kit import create_trainer
 from handlers import CheckpointRotation
+
+from _env import describe, environment
 
 ISOLATED = ("CheckpointRotation save", "torch.save (no fsync)", "torch.save + fsync")
 LOOPS = ("engine_kit", "engine_kit + CheckpointRotation", "raw loop", "raw loop + torch.save")
@@ -210,9 +212,9 @@ def measure_stall(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data
         nonlocal counter
         counter += 1
         trainer = create_trainer(model, optimizer, loss_fn, device=device)
+        directory = root / f"stall-{counter:03d}"
         if with_saves:
-            CheckpointRotation(root / f"stall-{counter:03d}", every_steps=every, at_epoch_end=False,
-                               keep_last=2).attach(trainer)
+            CheckpointRotation(directory, every_steps=every, at_epoch_end=False, keep_last=2).attach(trainer)
         steps: list[float] = []
         clock = [0.0]
 
@@ -230,7 +232,10 @@ def measure_stall(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data
         start = time.perf_counter()
         state = trainer.run(data, max_epochs=1)
         sync(device)
-        return time.perf_counter() - start, steps, state.checkpoints_saved
+        elapsed = time.perf_counter() - start
+        # Untimed: 300 MB files from every run would otherwise pile up until the end.
+        shutil.rmtree(directory, ignore_errors=True)
+        return elapsed, steps, state.checkpoints_saved
 
     def raw_loop(with_saves: bool) -> tuple[float, list[float], int]:
         steps: list[float] = []
@@ -292,29 +297,6 @@ def measure_stall(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data
     return rows
 
 
-def environment(device: torch.device, workdir: str) -> dict[str, Any]:
-    """Device, versions and where files went, for RESULTS.md."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        name = f"{name}, {os.cpu_count()} cores"
-    return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": name,
-        "torch_threads": torch.get_num_threads(),
-        "directory": workdir,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ignite": ignite.__version__,
-    }
-
-
 def tables(isolated: list[dict[str, Any]], stall: list[dict[str, Any]], sizes: dict[str, Any]) -> str:
     """Both result tables as markdown."""
     mb = sizes["ekpt_bytes"] / 1e6
@@ -341,6 +323,7 @@ def tables(isolated: list[dict[str, Any]], stall: list[dict[str, Any]], sizes: d
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked; ``--smoke`` overrides the sizes."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (or 'cuda:N')")
     parser.add_argument("--width", type=int, default=4096, help="hidden width; 4096 gives 25.2M parameters")
@@ -372,6 +355,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure, print the markdown table(s), optionally write the JSON; returns the exit status."""
     args = parse_args(argv)
     device = args.device
     model, optimizer = make_model(args.width, device)
@@ -381,13 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         isolated, sizes = measure_isolated(model, optimizer, data, root, args.repeats, device)
         stall = measure_stall(model, optimizer, data, root, args.stall_repeats, args.every, device)
-        env = environment(device, tmp)
+        env = {**environment(device), "directory": tmp}
     print(f"checkpoint cost: MLP {args.width // 4}-{args.width}-{args.width}-{args.width // 4}, {params / 1e6:.1f}M parameters, "
           f"AdamW, fp32, batch {args.batch}, on {device}; checkpoint {sizes['ekpt_bytes'] / 1e6:.0f} MB "
           f"(torch.save of model + optimizer: {sizes['torch_save_bytes'] / 1e6:.0f} MB); "
           f"{args.repeats} isolated repeats, {args.stall_repeats} loop repeats of {args.steps} steps, a save every {args.every}")
-    print(f"{env['date_utc']}; {env['device']}; torch threads {env['torch_threads']}; python {env['python']}, "
-          f"torch {env['torch']}, ignite {env['ignite']}; files under {env['directory']}")
+    print(f"{describe(env)}; files under {env['directory']}")
     print()
     print(tables(isolated, stall, sizes))
     if args.json is not None:

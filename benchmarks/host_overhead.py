@@ -23,7 +23,7 @@ not timed; everything inside ``run`` (validation, flushes, saves) is.
 
 Run from the repository root::
 
-    python benchmarks/host_overhead.py                 # the full measurement (~1 min)
+    python benchmarks/host_overhead.py                 # the full measurement (~80 s on 2 cores)
     python benchmarks/host_overhead.py --smoke         # a few seconds, numbers meaningless
     python benchmarks/host_overhead.py --json out.json
 """
@@ -31,11 +31,8 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -44,13 +41,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import ignite
 import torch
 from ignite.engine import Engine
 from ignite.metrics import MeanSquaredError
 
 from engine_kit import create_evaluator, create_trainer
 from handlers import attach_standard
+
+from _env import describe, environment
 
 VARIANTS = ("raw", "ignite", "engine_kit", "stack", "stack+ckpt")
 ACCUMULATIONS = (1, 4)
@@ -166,26 +164,6 @@ def make_build_stack_ckpt(ckpt_every: int) -> Callable[[list, int, int, Path], R
     return build
 
 
-def environment() -> dict[str, Any]:
-    """Device and versions, for RESULTS.md."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": f"{cpu}, {os.cpu_count()} cores",
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ignite": ignite.__version__,
-    }
-
-
 def measure(iters: int, repeats: int, epoch_length: int, ckpt_every: int) -> list[dict[str, Any]]:
     """Interleaved timings; one result row per (accumulation, variant)."""
     builders = {
@@ -258,6 +236,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked; ``--smoke`` overrides the sizes."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=3000, help="iterations (micro-batches) per timed run")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats per variant")
@@ -277,14 +256,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure, print the markdown table(s), optionally write the JSON; returns the exit status."""
     args = parse_args(argv)
     rows = measure(args.iters, args.repeats, args.epoch_length, args.ckpt_every)
-    env = environment()
+    env = environment(torch.device("cpu"))
     print(f"host overhead per iteration: nn.Linear({FEATURES}, 1), batch {BATCH}, SGD, CPU; "
           f"{args.iters} iterations per run ({args.iters // args.epoch_length} epochs of {args.epoch_length}), "
           f"{args.repeats} interleaved repeats; stack+ckpt saves every {args.ckpt_every} optimizer steps")
-    print(f"{env['date_utc']}; {env['device']}; torch threads {env['torch_threads']}; "
-          f"python {env['python']}, torch {env['torch']}, ignite {env['ignite']}")
+    print(describe(env))
     print()
     print(table(rows))
     if args.json is not None:

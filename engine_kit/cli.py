@@ -28,14 +28,18 @@ def _human_size(n: int) -> str:
     return f"{n} B"
 
 
+def _invalid(path: str, err: Exception) -> int:
+    print(f"INVALID {path}: {str(err).splitlines()[0]}")
+    return 1
+
+
 def _verify(path: str) -> int:
     from engine_kit.checkpoint import verify_checkpoint_file
 
     try:
         info = verify_checkpoint_file(path)
     except (CheckpointError, OSError) as err:
-        print(f"INVALID {path}: {str(err).splitlines()[0]}")
-        return 1
+        return _invalid(path, err)
     print(f"OK {path} ({_human_size(info.size_bytes)}, sha256 {info.sha256[:16]}...)")
     return 0
 
@@ -78,8 +82,7 @@ def _inspect(path: str) -> int:
             return 0
         payload = load_checkpoint_file(path)
     except (CheckpointError, OSError) as err:
-        print(f"INVALID {path}: {str(err).splitlines()[0]}")
-        return 1
+        return _invalid(path, err)
     print("\n".join(_describe_payload(path, payload, os.path.getsize(path))))
     return 0
 

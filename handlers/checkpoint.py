@@ -15,7 +15,7 @@ from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful, save_refusal
 from engine_kit.training_state import capture_training_state, restore_training_state
 from handlers.base import Handler
-from handlers.events import ValidationEvents, register_validation_events
+from handlers.events import register_validation_events
 from handlers.rotation_policy import Kept, RotationPolicy
 
 
@@ -106,7 +106,6 @@ class CheckpointRotation(Handler):
             trainer.add_event_handler(Events.STARTED, self._resume)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
-        trainer.add_event_handler(ValidationEvents.VALIDATION_COMPLETED, self._on_validation)
         trainer.add_event_handler(Events.COMPLETED, lambda: self.close())
 
     def close(self) -> None:
@@ -137,10 +136,6 @@ class CheckpointRotation(Handler):
         if self.at_epoch_end or self._due or self._best_pending(engine):
             self._save(engine)
         self._due = False
-
-    def _on_validation(self, engine: Engine) -> None:
-        # Nothing to do now: _best_pending compares validation counts at the next boundary.
-        pass
 
     def _new_metric(self, engine: Engine) -> float | None:
         if self.metric is None or engine.state.validations <= self.validations_seen:
