@@ -14,7 +14,8 @@ class StepOutput(NamedTuple):
     Attributes:
         loss: the micro-batch's loss, detached (unweighted, as ``loss_fn`` returned it).
         grad_norm: the pre-clip global gradient norm (unscaled) when this
-            micro-batch closed a window, else ``None``.
+            micro-batch closed a window, else ``None``. Computed with clipping,
+            in fp16, or with ``track_grad_norm`` (which norm-logging handlers set).
         stepped: True when this micro-batch closed a window and the optimizer
             stepped (False for an fp16 step that GradScaler skipped).
         num_samples: samples (or tokens) in this micro-batch, from ``batch_size_fn``.

@@ -11,6 +11,7 @@ from ignite.engine import Engine
 from torch.nn.parallel import DistributedDataParallel
 
 from engine_kit.batch import BatchSizeFn, PrepareBatch
+from engine_kit.engine import fire_if_handled
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.precision import Precision
@@ -68,6 +69,7 @@ class TrainStep:
         prepare_batch: PrepareBatch,
         non_blocking: bool,
         batch_size_fn: BatchSizeFn,
+        track_grad_norm: bool = False,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -79,6 +81,9 @@ class TrainStep:
         self.prepare_batch = prepare_batch
         self.non_blocking = non_blocking
         self.batch_size_fn = batch_size_fn
+        # The norm costs a pass over every gradient: computed when clipping (it is the
+        # clip's by-product), in fp16 (it reveals a skipped step), or when a handler asks.
+        self.track_grad_norm = track_grad_norm
         self.scaler = precision.make_scaler()
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._ddp = isinstance(model, DistributedDataParallel)
@@ -100,10 +105,14 @@ class TrainStep:
             with self.precision.autocast():
                 loss = self.loss_fn(self.model(x), y)
             _check_loss(loss)
-            self.scaler.scale(loss * (num_samples / self._window_total)).backward()
+            weight = num_samples / self._window_total
+            # Exactly 1.0 for equal batches without accumulation: skip the extra graph node.
+            # (A tensor weight, from token counts, is never compared: that would sync.)
+            weighted = loss if isinstance(weight, float) and weight == 1.0 else loss * weight
+            self.scaler.scale(weighted).backward()
         state.window_position += 1
         self._window_samples = self._window_samples + num_samples
-        engine.fire_event(StepEvents.BACKWARD_COMPLETED)
+        fire_if_handled(engine, StepEvents.BACKWARD_COMPLETED)
         output = StepOutput(loss.detach(), None, False, num_samples)
         if closes_window:
             output = self.close_window(engine, output)
@@ -160,10 +169,11 @@ class TrainStep:
         factor = self._correction()
         if factor is not None and grads:
             torch._foreach_mul_(grads, factor)
-        engine.fire_event(StepEvents.GRADIENTS_READY)
+        fire_if_handled(engine, StepEvents.GRADIENTS_READY)
+        grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-        else:
+        elif self.track_grad_norm or self.scaler.is_enabled():
             grad_norm = torch.nn.utils.get_total_norm(grads)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -175,12 +185,13 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         state.window_position = 0
         self._window_samples = 0
-        output = StepOutput(output.loss, grad_norm.detach(), stepped, output.num_samples)
+        norm = None if grad_norm is None else grad_norm.detach()
+        output = StepOutput(output.loss, norm, stepped, output.num_samples)
         state.output = output  # step-event handlers read the output of this very iteration
         if stepped:
             state.optimizer_steps += 1
-            engine.fire_event(StepEvents.OPTIMIZER_STEP_COMPLETED)
+            fire_if_handled(engine, StepEvents.OPTIMIZER_STEP_COMPLETED)
         else:
             state.skipped_steps += 1
-            engine.fire_event(StepEvents.OPTIMIZER_STEP_SKIPPED)
+            fire_if_handled(engine, StepEvents.OPTIMIZER_STEP_SKIPPED)
         return output

@@ -128,6 +128,7 @@ def create_trainer(
     prepare_batch: PrepareBatch | None = None,
     non_blocking: bool = True,
     batch_size_fn: BatchSizeFn | None = None,
+    track_grad_norm: bool = False,
 ) -> Engine:
     """Build the training Engine: one ignite iteration per micro-batch.
 
@@ -143,6 +144,9 @@ def create_trainer(
         non_blocking: passed to ``Tensor.to``.
         batch_size_fn: ``batch_size_fn(x, y)`` → samples (or tokens) in a micro-batch,
             the weight of its loss in the window mean. Default: ``len(y)``.
+        track_grad_norm: compute ``StepOutput.grad_norm`` even without clipping
+            (it always is with ``max_grad_norm`` or fp16). Handlers that log it
+            switch it on when attached.
 
     Returns:
         An ignite ``Engine`` with ``StepEvents`` registered and ``state.optimizer_steps``,
@@ -173,6 +177,7 @@ def create_trainer(
         prepare_batch=prepare_batch or default_prepare_batch,
         non_blocking=non_blocking,
         batch_size_fn=batch_size_fn or default_batch_size,
+        track_grad_norm=bool(track_grad_norm),
     )
     trainer = GuardedEngine(step)
     trainer.register_events(*StepEvents, event_to_attr=EVENT_COUNTERS)

@@ -65,13 +65,14 @@ class CheckpointFileInfo:
     meta: dict[str, Any] | None
 
 
-def make_trailer(zip_bytes: bytes) -> bytes:
-    """The 48-byte trailer that seals ``zip_bytes``.
+def make_trailer(zip_bytes: bytes | memoryview, digest: Any = None) -> bytes:
+    """The 48-byte trailer that seals ``zip_bytes`` (``digest``: its sha256 object, if already computed).
 
     >>> len(make_trailer(b"abc")) == TRAILER_SIZE
     True
     """
-    return MAGIC + hashlib.sha256(zip_bytes).digest() + struct.pack(">Q", len(zip_bytes))
+    digest = digest if digest is not None else hashlib.sha256(zip_bytes)
+    return MAGIC + digest.digest() + struct.pack(">Q", len(zip_bytes))
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -119,8 +120,8 @@ def save_checkpoint_file(path: str | os.PathLike[str], payload: dict[str, Any]) 
     buffer = io.BytesIO()
     try:
         torch.save(payload, buffer)
-        zip_bytes = buffer.getvalue()
-        _scan_archive(zip_bytes)
+        _scan_archive(buffer)
+        zip_bytes = buffer.getbuffer()  # a view: no copy of a multi-GB checkpoint
     except Exception as exc:
         raise CheckpointWriteError(
             fix_message(
@@ -129,15 +130,17 @@ def save_checkpoint_file(path: str | os.PathLike[str], payload: dict[str, Any]) 
                 "(convert numpy arrays with torch.from_numpy).",
             )
         ) from exc
-    trailer = make_trailer(zip_bytes)
+    # One pass of SHA-256 over the data serves both the trailer and the whole-file digest.
+    data_digest = hashlib.sha256(zip_bytes)
+    trailer = make_trailer(zip_bytes, data_digest)
+    whole = data_digest.copy()
+    whole.update(trailer)
 
     def write(fileobj: io.BufferedWriter) -> None:
         fileobj.write(zip_bytes)
         fileobj.write(trailer)
 
     atomic_write(path, write)
-    whole = hashlib.sha256(zip_bytes)
-    whole.update(trailer)
     meta = payload.get("meta")
     return CheckpointFileInfo(path, len(zip_bytes) + TRAILER_SIZE, whole.hexdigest(), meta if isinstance(meta, dict) else None)
 
@@ -167,10 +170,11 @@ def _read_sealed(path: str) -> tuple[bytes, str, int]:
     return zip_bytes, digest.hexdigest(), size
 
 
-def _scan_archive(zip_bytes: bytes) -> None:
-    """Scan every pickle in a torch.save archive; ValueError on anything odd."""
+def _scan_archive(zip_bytes: bytes | io.BytesIO) -> None:
+    """Scan every pickle in a torch.save archive (bytes, or the buffer itself to avoid a copy)."""
+    source = zip_bytes if isinstance(zip_bytes, io.BytesIO) else io.BytesIO(zip_bytes)
     try:
-        with zipfile.ZipFile(io.BytesIO(zip_bytes)) as archive:
+        with zipfile.ZipFile(source) as archive:
             members = archive.infolist()
             names = [member.filename for member in members]
             if len(set(names)) != len(names):
