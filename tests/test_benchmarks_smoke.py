@@ -27,6 +27,8 @@ CASES = {
          "engine_kit", "engine_kit + CheckpointRotation", "raw loop", "raw loop + torch.save"],
         ["environment", "config", "sizes", "isolated", "stall"],
     ),
+    # One row per (model, variant); the first cell is the model.
+    "train_speed.py": (["cnn", "gpt"], ["environment", "rows"]),
 }
 
 
@@ -53,3 +55,6 @@ def test_smoke_run_prints_every_variant(script: str, tmp_path: Path) -> None:
     assert not missing, f"{script} printed no row for {missing}:\n{result.stdout}"
     numbers = json.loads(out_json.read_text())
     assert all(key in numbers for key in sections), sorted(numbers)
+    if script == "train_speed.py":
+        assert {(r["model"], r["variant"]) for r in numbers["rows"]} == {
+            (m, v) for m in ("cnn", "gpt") for v in ("raw", "engine_kit", "engine_kit+stack")}
