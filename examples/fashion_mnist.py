@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from ignite.metrics import Accuracy, Loss
 
-from engine_kit import StepEvents, create_evaluator, create_trainer
+from engine_kit import create_evaluator, create_trainer
 from engine_kit.data_order import ResumableLoader
 from engine_kit.report import write_report
 from engine_kit.stateful import register_stateful

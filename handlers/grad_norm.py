@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from typing import Any, Mapping, Protocol
 
 import torch
@@ -13,6 +14,8 @@ from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful
 from handlers.base import Handler, check_positive_int, check_state_keys, require_step_events
+from handlers.step_window import fetch
+from handlers.event_file import write_histogram, write_scalars
 
 
 class NormWriter(Protocol):
@@ -29,7 +32,9 @@ class GradNormLogger(Handler):
     Runs on ``StepEvents.OPTIMIZER_STEP_COMPLETED`` (once per optimizer step,
     never per micro-batch, never on an fp16 step that GradScaler skipped). The
     norm is the one the step already computed: unscaled, before clipping, as a
-    device tensor. It is buffered without a host sync; every ``flush_every``
+    device tensor (attaching the logger sets the step's ``track_grad_norm``,
+    so the norm is computed even without clipping; a step that still hands out
+    none is not logged). It is buffered without a host sync; every ``flush_every``
     steps, at the end of each epoch and when the run completes, the buffer is
     read with a single transfer and turned into per-step values, clipping
     counts and (with a ``writer``) TensorBoard records. A step counts as
@@ -46,6 +51,8 @@ class GradNormLogger(Handler):
             writes ``grad_norm/pre_clip`` for every step, then
             ``grad_norm/clipped_fraction`` (running) and ``grad_norm/histogram``
             (the finite norms of the flushed steps) at the last flushed step.
+            The scalars go in one event per step, in one file write
+            (``handlers.tensorboard.write_scalars``).
         bins: the ``bins`` argument of ``writer.add_histogram`` (a numpy binning
             name or a positive number of bins).
 
@@ -88,8 +95,8 @@ class GradNormLogger(Handler):
             )
         self.writer = writer
         self.bins = bins
-        # (optimizer step, norm on the device, clip threshold at that step)
-        self._pending: list[tuple[int, torch.Tensor, float | None]] = []
+        # (optimizer step, wall time, norm on the device, clip threshold at that step)
+        self._pending: list[tuple[int, float, torch.Tensor, float | None]] = []
         self._norms: list[tuple[int, float]] = []
         self._steps_seen = 0
         self._steps_clipped = 0
@@ -99,6 +106,9 @@ class GradNormLogger(Handler):
         """Log on ``engine``'s optimizer steps and register the statistics for checkpoints."""
         require_step_events(engine, type(self).__name__)
         self._claim(engine)
+        step = getattr(engine, "step", None)
+        if step is not None:
+            step.track_grad_norm = True  # the step computes the norm only when a handler reads it
         engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.flush)
         engine.add_event_handler(Events.COMPLETED, self.flush)
@@ -110,9 +120,8 @@ class GradNormLogger(Handler):
         if norm is None:
             return
         limit = getattr(getattr(engine, "step", None), "max_grad_norm", None)
-        # A copy, so a step that reuses its output buffer (graph replay) cannot
-        # overwrite values still waiting for the flush.
-        self._pending.append((engine.state.optimizer_steps, norm.detach().to(torch.float32, copy=True), limit))
+        # The step's own tensor, not a copy: the step hands out a fresh one each time.
+        self._pending.append((engine.state.optimizer_steps, time.time(), norm, limit))
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -120,22 +129,21 @@ class GradNormLogger(Handler):
         """Read the buffered norms with one host transfer and update statistics and writer."""
         if not self._pending:
             return
-        steps, tensors, limits = zip(*self._pending)
-        values = torch.stack(tensors).tolist()  # the single host sync of this batch of steps
+        steps, times, tensors, limits = zip(*self._pending)
+        values = fetch(list(tensors))  # the single host sync of this batch of steps
         self._pending.clear()
         self._flushes += 1
-        for step, value, limit in zip(steps, values, limits):
-            self._norms.append((step, value))
-            self._steps_seen += 1
-            # NaN compares False: a non-finite norm is logged but never counted as clipped.
-            self._steps_clipped += limit is not None and value > limit
-            if self.writer is not None:
-                self.writer.add_scalar("grad_norm/pre_clip", value, step)
+        self._norms += zip(steps, values)
+        self._steps_seen += len(values)
+        # NaN compares False: a non-finite norm is logged but never counted as clipped.
+        self._steps_clipped += sum(limit is not None and value > limit for value, limit in zip(values, limits))
         if self.writer is not None:
-            self.writer.add_scalar("grad_norm/clipped_fraction", self._clipped_fraction(), steps[-1])
+            rows = [(step, t, [("grad_norm/pre_clip", value)]) for step, t, value in zip(steps, times, values)]
+            rows[-1][2].append(("grad_norm/clipped_fraction", self._clipped_fraction()))
+            write_scalars(self.writer, rows)
             finite = [v for v in values if math.isfinite(v)]
             if finite:  # numpy cannot bin NaN/inf
-                self.writer.add_histogram("grad_norm/histogram", torch.tensor(finite), steps[-1], bins=self.bins)
+                write_histogram(self.writer, "grad_norm/histogram", finite, steps[-1], self.bins)
 
     def _clipped_fraction(self) -> float:
         return self._steps_clipped / self._steps_seen if self._steps_seen else 0.0

@@ -15,12 +15,14 @@ from handlers.base import Handler, check_positive_int
 class NanGuard(Handler):
     """Stops training once a loss or a gradient norm is NaN or infinite.
 
-    Every iteration it computes, on the device and without a host sync,
-    whether the micro-batch's loss (and, when the micro-batch closed a window
-    that the optimizer stepped, the pre-clip gradient norm) is non-finite. The
-    flags are read in one transfer every ``check_every`` iterations, at the end
-    of each epoch, at the end of the run, and whenever a checkpoint handler
-    asks the save veto. On the first non-finite value it sets
+    Every iteration it keeps the micro-batch's loss (and, when the micro-batch
+    closed a window that the optimizer stepped, the pre-clip gradient norm) as
+    the step's own device tensors: no device op, no host sync. They are
+    checked together (one stack, one ``isfinite``, one transfer) every
+    ``check_every`` iterations, at the end of each epoch, at the end of the
+    run, and whenever a checkpoint handler asks the save veto. Attaching the
+    guard to a trainer sets its step's ``track_grad_norm``, so the norm is
+    there to check. On the first non-finite value it sets
     ``engine.state.nan_detected``, writes ``engine.state.stopped_by`` (naming
     the iteration where it appeared), warns once and calls ``engine.terminate()``.
 
@@ -54,8 +56,10 @@ class NanGuard(Handler):
     def __init__(self, *, check_every: int = 10) -> None:
         super().__init__()
         self.check_every = check_positive_int("check_every", check_every, 10)
-        # (iteration, device bool "non-finite"), read together at the next check
-        self._pending: list[tuple[int, torch.Tensor]] = []
+        # Values to check and the iteration of each, read together at the next check.
+        self._values: list[torch.Tensor] = []
+        self._iterations: list[int] = []
+        self._observed = 0  # iterations observed since the last check
         self._last_output: Any = None
         self._nan_iteration: int | None = None
 
@@ -74,6 +78,9 @@ class NanGuard(Handler):
     def attach(self, engine: Engine) -> None:
         """Watch every iteration of ``engine`` and veto its checkpoints once a value is non-finite."""
         self._claim(engine)
+        step = getattr(engine, "step", None)
+        if step is not None:
+            step.track_grad_norm = True  # the step computes the norm only when a handler reads it
         engine.state.nan_detected = False
         if not hasattr(engine.state, "stopped_by"):
             engine.state.stopped_by = None
@@ -83,26 +90,29 @@ class NanGuard(Handler):
         add_save_veto(engine, self.veto)
 
     def __call__(self, engine: Engine) -> None:
-        """Flag this iteration on the device; read the flags every ``check_every`` iterations."""
-        self._observe(engine)
-        if engine.state.iteration % self.check_every == 0 or len(self._pending) >= self.check_every:
+        """Keep this iteration's values; check them every ``check_every`` iterations."""
+        state = engine.state
+        # The veto may look at an iteration before ITERATION_COMPLETED does; the
+        # output object itself tells whether it was already kept.
+        if state.output is not self._last_output:
+            self._observe(state)
+        if state.iteration % self.check_every == 0 or self._observed >= self.check_every:
             self.check(engine)
 
-    def _observe(self, engine: Engine) -> None:
-        output = engine.state.output
-        # The veto may look at an iteration before ITERATION_COMPLETED does; the
-        # output object itself tells whether it was already flagged.
-        if output is self._last_output:
-            return
-        self._last_output = output
+    def _observe(self, state: Any) -> None:
+        output = self._last_output = state.output
         loss = getattr(output, "loss", output)
         if not isinstance(loss, torch.Tensor):
             return  # an engine whose output carries no loss: nothing to guard
-        bad = torch.logical_not(torch.isfinite(loss.detach()).all())
+        self._observed += 1
+        # References, not copies: the step hands out fresh tensors each time.
+        values, iterations, iteration = self._values, self._iterations, state.iteration
+        values.append(loss.detach() if loss.requires_grad else loss)
+        iterations.append(iteration)
         norm = getattr(output, "grad_norm", None)
-        if isinstance(norm, torch.Tensor) and getattr(output, "stepped", True):
-            bad = bad | torch.logical_not(torch.isfinite(norm.detach()).all())
-        self._pending.append((engine.state.iteration, bad))
+        if norm is not None and isinstance(norm, torch.Tensor) and getattr(output, "stepped", True):
+            values.append(norm)
+            iterations.append(iteration)
 
     def check(self, engine: Engine) -> bool:
         """Read the pending flags (one host sync); stop ``engine`` on the first non-finite value.
@@ -110,15 +120,15 @@ class NanGuard(Handler):
         Returns:
             True once a non-finite value has been seen.
         """
-        self._observe(engine)
-        if self._pending:
-            iterations, flags = zip(*self._pending)
-            self._pending.clear()
+        if engine.state.output is not self._last_output:
+            self._observe(engine.state)
+        if self._values:
+            values, iterations = self._values, self._iterations
+            self._values, self._iterations, self._observed = [], [], 0
             if self._nan_iteration is None:
-                hits = torch.stack(flags).tolist()  # the one host sync of this check
-                first = next((it for it, hit in zip(iterations, hits) if hit), None)
+                first = _first_non_finite(values)
                 if first is not None:
-                    self._stop(engine, first)
+                    self._stop(engine, iterations[first])
         return self._nan_iteration is not None
 
     def _stop(self, engine: Engine, iteration: int) -> None:
@@ -135,3 +145,19 @@ class NanGuard(Handler):
         if self.check(engine):
             return f"{self.reason}; the model may hold non-finite parameters."
         return None
+
+
+def _first_non_finite(values: list[torch.Tensor]) -> int | None:
+    """The index of the first value holding a NaN or an infinity, with one host sync (None: all finite).
+
+    >>> _first_non_finite([torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(float("nan"))])
+    1
+    """
+    try:
+        finite = torch.isfinite(torch.stack(values))
+    except RuntimeError:  # values of different shapes or devices: one check each
+        return next((i for i, value in enumerate(values) if not bool(torch.isfinite(value).all())), None)
+    if finite.dim() > 1:
+        finite = finite.flatten(1).all(dim=1)
+    flags = finite.tolist()  # the one host sync of this check
+    return None if all(flags) else flags.index(False)

@@ -17,11 +17,11 @@ from handlers.step_window import fetch, learning_rates
 class ProgressBar(Handler):
     """A tqdm progress bar per epoch (ignite's), with the loss and learning rate as postfix.
 
-    The bar advances every iteration, which costs no host sync. The postfix
-    shows ``loss``, the mean micro-batch loss of the last ``every``
-    iterations (summed on the device), and ``lr`` (param group 0 of the
-    trainer's optimizer); it is updated every ``every`` iterations with a
-    single host transfer. On an evaluator (outputs without a loss) the bar only
+    The bar advances every iteration, which costs no host sync and no device
+    op. The postfix shows ``loss``, the mean micro-batch loss of the last
+    ``every`` iterations (their loss tensors are kept and read together), and
+    ``lr`` (param group 0 of the trainer's optimizer); it is updated every
+    ``every`` iterations with a single host transfer. On an evaluator (outputs without a loss) the bar only
     advances. Only rank 0 shows a bar.
 
     Args:
@@ -50,8 +50,7 @@ class ProgressBar(Handler):
         self.tqdm_kwargs = tqdm_kwargs
         self.bar: IgniteProgressBar | None = None
         self.postfix: dict[str, float] = {}
-        self._loss_sum: torch.Tensor | None = None
-        self._count = 0
+        self._losses: list[torch.Tensor] = []
         self._reads = 0
 
     def attach(self, engine: Engine) -> None:
@@ -66,22 +65,20 @@ class ProgressBar(Handler):
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        """Add this iteration's loss on the device; every ``every`` iterations, read and show it."""
+        """Keep this iteration's loss (no device op); every ``every`` iterations, read and show the mean."""
         loss = getattr(engine.state.output, "loss", None)
         if isinstance(loss, torch.Tensor):
-            loss = loss.detach().float()
-            self._loss_sum = loss.clone() if self._loss_sum is None else self._loss_sum + loss
-            self._count += 1
+            self._losses.append(loss.detach())
         if engine.state.iteration % self.every != 0:
             return
-        mean = None if self._loss_sum is None else self._loss_sum / self._count
-        rates = learning_rates(engine)[:1]
-        # One transfer for the loss (and a learning rate kept in a device tensor).
-        values = fetch([mean, *rates])
-        postfix = {name: value for name, value in zip(("loss", "lr"), values) if value is not None}
+        losses, self._losses = self._losses, []
+        # One transfer for the losses (and a learning rate kept in a device tensor).
+        values = fetch([*losses, *learning_rates(engine)[:1]])
+        mean = sum(values[: len(losses)]) / len(losses) if losses else None
+        shown = zip(("loss", "lr"), [mean, *values[len(losses):]])
+        postfix = {name: value for name, value in shown if value is not None}
         if mean is not None:
             self._reads += 1
-        self._loss_sum, self._count = None, 0
         self.postfix = postfix
         pbar = self.bar.pbar if self.bar is not None else None
         if pbar is not None and postfix:

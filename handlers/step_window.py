@@ -1,12 +1,15 @@
 """What one optimizer step's window measured: its loss, samples and learning rates, read in batches.
 
-Shared by the handlers that log per step (StepLog, TensorBoardLogger, ProgressBar):
-values stay on the device until ``fetch`` reads many of them with one transfer.
+Shared by the handlers that log per step (StepLog, TensorBoardLogger): one
+``StepWindow`` per trainer records each window once, as references to the
+step's own tensors (no device op per iteration), and ``fetch`` later reads
+many steps' values with one transfer.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Sequence
 
 import torch
 from ignite.engine import Engine, Events
@@ -15,21 +18,31 @@ from engine_kit.events import StepEvents
 
 
 def fetch(values: list[Any]) -> list[Any]:
-    """``values`` with every scalar tensor replaced by a float: one host transfer per device.
+    """``values`` with every tensor (a scalar) replaced by a float: one host transfer per device.
 
     >>> fetch([torch.tensor(0.5), 3, None, torch.tensor(2)])
     [0.5, 3, None, 2.0]
     """
-    by_device: dict[torch.device, list[int]] = {}
-    for i, value in enumerate(values):
-        if isinstance(value, torch.Tensor):
-            by_device.setdefault(value.device, []).append(i)
-    result = list(values)
-    for indices in by_device.values():
-        host = torch.stack([values[i].detach().reshape(()).float() for i in indices]).tolist()
-        for i, value in zip(indices, host):
-            result[i] = value
-    return result
+    tensors = [value for value in values if isinstance(value, torch.Tensor)]
+    if not tensors:
+        return list(values)
+    try:
+        # One op for the whole batch; stack promotes mixed dtypes (bf16, fp32, int64) to a common one.
+        stacked = torch.stack(tensors)
+        host = stacked.tolist()
+        if not stacked.is_floating_point():
+            host = [float(value) for value in host]
+    except RuntimeError:  # tensors on several devices, or of a shape of their own such as (1,)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, tensor in enumerate(tensors):
+            by_device.setdefault(tensor.device, []).append(i)
+        host = [0.0] * len(tensors)
+        for indices in by_device.values():
+            floats = torch.stack([tensors[i].detach().reshape(()).float() for i in indices]).tolist()
+            for i, value in zip(indices, floats):
+                host[i] = value
+    read = iter(host)
+    return [next(read) if isinstance(value, torch.Tensor) else value for value in values]
 
 
 def learning_rates(engine: Engine) -> list[float | torch.Tensor]:
@@ -47,42 +60,115 @@ def learning_rates(engine: Engine) -> list[float | torch.Tensor]:
     return rates
 
 
+class Window:
+    """One closed window: its micro-batches' ``(loss, num_samples)`` and the step's learning rates.
+
+    ``parts`` holds the step's own (detached) loss tensors, not copies: the
+    trainer hands out fresh tensors every step, so a reference is as good as a
+    copy and costs no device op. ``read_windows`` turns them into ``values``
+    once, for every handler that logs the window.
+    """
+
+    __slots__ = ("parts", "lrs", "values")
+
+    def __init__(self, parts: tuple[tuple[Any, Any], ...], lrs: list[Any]) -> None:
+        self.parts = parts
+        self.lrs = lrs
+        # (sample-weighted mean loss or None, samples, learning rates as floats) once read
+        self.values: tuple[float | None, float, list[float]] | None = None
+
+
+def read_windows(windows: Sequence[Window], extra: Sequence[Any] = ()) -> list[Any]:
+    """Read the ``values`` of ``windows`` not read yet and the tensors in ``extra``, with one transfer.
+
+    Returns ``extra`` as host values. The mean over a window's micro-batches is
+    computed here, on the host, in double precision.
+
+    >>> window = Window(((torch.tensor(1.0), 4), (torch.tensor(4.0), 2)), [0.1])
+    >>> read_windows([window], [torch.tensor(3.0)]), window.values
+    ([3.0], (2.0, 6.0, [0.1]))
+    """
+    unread = [window for window in windows if window.values is None]
+    flat: list[Any] = []
+    for window in unread:
+        for part in window.parts:
+            flat += part
+        flat += window.lrs
+    flat += extra
+    host = fetch(flat)
+    position = 0
+    for window in unread:
+        count = len(window.parts)
+        if count == 1:  # the common case: one micro-batch, whose loss is the window's
+            loss, samples = host[position], host[position + 1]
+        else:
+            values = host[position:position + 2 * count]
+            samples = sum(values[1::2], 0.0)
+            loss = sum(value * n for value, n in zip(values[0::2], values[1::2])) / samples if count else None
+        position += 2 * count
+        window.values = (loss, samples, host[position:position + len(window.lrs)])
+        position += len(window.lrs)
+    return host[position:]
+
+
 class StepWindow:
-    """The loss, samples and learning rates of one accumulation window, kept on the device.
+    """The loss, samples and learning rates of each accumulation window, kept on the device.
 
     The window's loss is the sample-weighted mean of its micro-batch losses:
     the loss whose gradient the optimizer step applied (the plain mean with
-    equal batches). ``attach`` adds every micro-batch on ``ITERATION_COMPLETED``
-    and reads the learning rates on ``GRADIENTS_READY``, before the step, so a
-    scheduler advancing on the step event cannot change the rate logged for
-    it. ``close(engine)`` runs on the step event, where the closing micro-batch
-    is already ``engine.state.output``: ``add`` ignores a second call for the
-    same iteration, so that micro-batch counts once.
+    equal batches). ``StepWindow.of(trainer)`` returns the trainer's one
+    window, shared by every handler that logs per step, so each iteration is
+    recorded once. It adds every micro-batch on ``ITERATION_COMPLETED`` (not
+    needed, and not attached, when each window is one micro-batch).
+    ``close(engine)`` runs on the step event, where the closing micro-batch is
+    already ``engine.state.output``; every handler closing the same iteration
+    gets the same ``Window``. The mean over its micro-batches is computed on
+    the host, at the first flush that reads it (``read_windows``).
+
+    The learning rates are the ones the step used, never shifted by a
+    scheduler stepping on the step event: the first handler to close a window
+    is the first handler of the step event (the window is made as it
+    attaches), so it reads them before any other handler of that event runs.
+    Where handlers were already attached to the step event, the window reads
+    the rates on ``GRADIENTS_READY`` instead, before the step.
 
     >>> window = StepWindow()
     >>> window.add(1, torch.tensor(1.0), 4); window.add(1, torch.tensor(1.0), 4)
     >>> window.add(2, torch.tensor(4.0), 2)
-    >>> loss, samples, lrs = window.close()
-    >>> float(loss), samples, lrs
-    (2.0, 6, [])
+    >>> closed = window.close()
+    >>> read_windows([closed]); closed.values
+    []
+    (2.0, 6.0, [])
     """
 
     def __init__(self) -> None:
         self.reset()
 
+    @classmethod
+    def of(cls, engine: Engine) -> StepWindow:
+        """The window shared by every handler of ``engine`` (created and attached on first use)."""
+        window = _WINDOWS.get(engine)
+        if window is None:
+            window = _WINDOWS[engine] = cls()
+            window.attach(engine)
+        return window
+
     def attach(self, engine: Engine) -> None:
         """Follow ``engine``'s micro-batches and windows."""
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.add_output)
-        engine.add_event_handler(StepEvents.GRADIENTS_READY, self.capture_lrs)
+        if getattr(getattr(engine, "step", None), "accumulation_steps", None) != 1:
+            # With one micro-batch per window the closing output is the whole window.
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self.add_output)
+        handlers = getattr(engine, "_event_handlers", None)
+        events = (StepEvents.OPTIMIZER_STEP_COMPLETED, StepEvents.OPTIMIZER_STEP_SKIPPED)
+        if handlers is None or any(handlers.get(event) for event in events):
+            # One of them may be a scheduler: read the rates before it can step.
+            engine.add_event_handler(StepEvents.GRADIENTS_READY, self.capture_lrs)
 
     def add(self, iteration: int, loss: torch.Tensor, num_samples: int | torch.Tensor) -> None:
         """Add the loss of micro-batch ``iteration`` weighted by its ``num_samples`` (once)."""
-        if iteration == self._iteration:
-            return
-        self._iteration = iteration
-        weighted = loss.detach().float() * num_samples
-        self._weighted = weighted if self._weighted is None else self._weighted + weighted
-        self._samples = self._samples + num_samples
+        if iteration != self._iteration:
+            self._iteration = iteration
+            self._parts.append((loss, num_samples))
 
     def add_output(self, engine: Engine) -> None:
         """Add the micro-batch in ``engine.state.output``."""
@@ -94,21 +180,34 @@ class StepWindow:
         """Keep the learning rates the coming optimizer step uses."""
         self._lrs = learning_rates(engine)
 
-    def close(self, engine: Engine | None = None) -> tuple[torch.Tensor | None, Any, list[Any]]:
-        """``(mean loss as a device tensor, samples, learning rates)``; the next window starts empty."""
-        if engine is not None:
-            self.add_output(engine)
-        weighted, samples, lrs = self._weighted, self._samples, self._lrs
-        iteration = self._iteration
-        self.reset()
-        self._iteration = iteration
+    def close(self, engine: Engine | None = None) -> Window:
+        """The window that ``engine``'s current iteration closed; the next window starts empty."""
+        if engine is None:
+            iteration = None
+        else:
+            state = engine.state
+            iteration = state.iteration
+            if iteration == self._closed_at:
+                return self._closed  # type: ignore[return-value]  # another handler closed it already
+            output = state.output
+            if iteration != self._iteration and output is not None:  # the closing micro-batch
+                self._parts.append((output.loss, output.num_samples))
+        lrs = self._lrs
         if lrs is None:
             lrs = learning_rates(engine) if engine is not None else []
-        return (None if weighted is None else weighted / samples), samples, lrs
+        window = self._closed = Window(tuple(self._parts), lrs)
+        self._parts, self._lrs = [], None
+        self._iteration = self._closed_at = iteration
+        return window
 
     def reset(self) -> None:
         """Forget the open window (also after a checkpoint load)."""
         self._iteration: int | None = None
-        self._weighted: torch.Tensor | None = None
-        self._samples: int | torch.Tensor = 0
+        self._parts: list[tuple[Any, Any]] = []
         self._lrs: list[Any] | None = None
+        self._closed: Window | None = None
+        self._closed_at: int | None = None
+
+
+# One window per trainer; an engine that is garbage-collected takes its window with it.
+_WINDOWS: weakref.WeakKeyDictionary[Engine, StepWindow] = weakref.WeakKeyDictionary()

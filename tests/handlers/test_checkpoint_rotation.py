@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ignite.engine import Events
+from tensorboardX import SummaryWriter  # at import: tensorboardX sets CRC32C_SW_MODE when first imported
 
 import engine_kit.trainer as trainer_module
 from engine_kit import StepEvents, create_evaluator, create_trainer
@@ -181,3 +182,36 @@ def test_skipped_fp16_steps_are_not_logged(monkeypatch):
     trainer.run([(x, torch.full_like(y, float("inf"))), (x, y)], max_epochs=1)
     assert trainer.state.skipped_steps == 1 and trainer.state.optimizer_steps == 1
     assert [step for step, _ in logger.norms] == [1]
+
+
+def test_attaching_asks_the_step_for_the_norm_and_a_step_without_one_is_skipped():
+    trainer = make_trainer(max_norm=None)
+    assert not getattr(trainer.step, "track_grad_norm", False)  # the norm costs a pass over the gradients
+    logger = GradNormLogger(flush_every=2)
+    logger.attach(trainer)
+    assert trainer.step.track_grad_norm is True
+    trainer.step.track_grad_norm = False  # e.g. a core that hands out no norm: nothing to log, no error
+    trainer.run(regression_batches(16, 4), max_epochs=1)
+    assert logger.steps_seen == 0 and logger.norms == [] and logger.flushes == 0
+
+
+def test_a_summary_writer_gets_every_step_and_the_histograms(tmp_path):
+    from tests.handlers.test_tensorboard import read_events
+
+    writer = SummaryWriter(logdir=str(tmp_path))
+    trainer = make_trainer(accumulation=1)
+    logger = GradNormLogger(flush_every=4, writer=writer, bins=5)
+    logger.attach(trainer)
+    trainer.run(regression_batches(40, 4), max_epochs=1)  # 10 steps: flushes after 4, 8, epoch end
+    writer.close()
+    events = read_events(tmp_path)
+    pre_clip = [(e.step, v.simple_value) for e in events for v in e.summary.value if v.tag == "grad_norm/pre_clip"]
+    assert [s for s, _ in pre_clip] == [s for s, _ in logger.norms]
+    assert [v for _, v in pre_clip] == pytest.approx([n for _, n in logger.norms], rel=1e-6)
+    fractions = [(e.step, v.simple_value) for e in events for v in e.summary.value
+                 if v.tag == "grad_norm/clipped_fraction"]
+    assert [s for s, _ in fractions] == [4, 8, 10] and fractions[-1][1] == pytest.approx(logger.clipped_fraction)
+    histograms = [(e.step, v.histo) for e in events for v in e.summary.value if v.tag == "grad_norm/histogram"]
+    assert [s for s, _ in histograms] == [4, 8, 10]
+    assert [h.num for _, h in histograms] == [4, 4, 2]
+    assert histograms[0][1].sum == pytest.approx(sum(n for _, n in logger.norms[:4]), rel=1e-6)

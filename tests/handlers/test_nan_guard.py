@@ -141,3 +141,46 @@ def test_options_attach_and_state():
     assert engine.state.nan_detected is False and guard.veto(engine) is None
     assert guard.state_dict() == {}
     guard.load_state_dict({})
+
+
+def test_a_non_finite_gradient_norm_with_a_finite_loss_is_caught():
+    calls = []
+
+    def loss_fn(y_pred, y):
+        calls.append(None)
+        loss = F.mse_loss(y_pred, y)
+        if len(calls) == 3:  # finite loss, NaN gradient: sqrt'(0) = inf, times 0
+            loss = loss + 0.0 * torch.sqrt((y_pred * 0).sum())
+        return loss
+
+    model, trainer = make_trainer(loss_fn)
+    guard = NanGuard(check_every=100)
+    guard.attach(trainer)
+    assert trainer.step.track_grad_norm is True  # attaching asks the step for the norm
+    refusals = []
+    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda e: refusals.append(save_refusal(e)))
+    with pytest.warns(RuntimeWarning, match="at iteration 3"):
+        state = trainer.run(BATCHES, max_epochs=1)
+    assert refusals[:2] == [None, None] and refusals[2] is not None and state.iteration == 3
+
+
+def test_values_are_checked_together_not_per_iteration(monkeypatch):
+    _, trainer = make_trainer(F.mse_loss, accumulation=2)
+    NanGuard(check_every=5).attach(trainer)
+    calls = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(tuple(t.shape)) or isfinite(t))
+    trainer.run(BATCHES, max_epochs=1)  # 20 iterations: checks at 5, 10, 15, 20 and the epoch end, run end
+    monkeypatch.undo()
+    # One isfinite per check over every loss and norm since the last one (5 losses + 2 or 3 norms).
+    assert calls == [(7,), (8,), (7,), (8,)]
+
+
+def test_without_a_norm_only_the_loss_is_checked():
+    _, trainer = make_trainer(nan_from(4))
+    guard = NanGuard(check_every=2)
+    guard.attach(trainer)
+    trainer.step.track_grad_norm = False  # a step that hands out no norm
+    with pytest.warns(RuntimeWarning, match="at iteration 4"):
+        state = trainer.run(BATCHES, max_epochs=1)
+    assert state.iteration == 4 and guard.nan_iteration == 4

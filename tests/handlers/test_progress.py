@@ -79,3 +79,15 @@ def test_bad_options_and_double_attach():
     bar.attach(trainer)
     with pytest.raises(RuntimeError, match="already attached"):
         bar.attach(trainer)
+
+
+def test_the_losses_are_combined_once_per_update(monkeypatch):
+    _, trainer = make()
+    bar = ProgressBar(every=4, disable=True)
+    bar.attach(trainer)
+    stacks = []
+    stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda tensors, *a, **k: stacks.append(len(tensors)) or stack(tensors, *a, **k))
+    trainer.run(regression_batches(40, 4), max_epochs=1)  # 10 iterations: updates at 4 and 8
+    monkeypatch.undo()
+    assert stacks == [4, 4] and bar.reads == 2  # one stack of the 4 losses per update, none per iteration

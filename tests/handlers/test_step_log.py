@@ -16,7 +16,10 @@ import engine_kit.trainer as trainer_module
 from engine_kit import StepEvents, create_evaluator, create_trainer
 from engine_kit.precision import Precision
 from engine_kit.training_state import capture_training_state, restore_training_state
-from handlers.step_log import FIELDS, StepLog, read_step_log, to_csv
+from handlers.step_log import _ROW, FIELDS, StepLog, _json_number, read_step_log, to_csv
+from handlers.step_window import StepWindow
+from handlers.tensorboard import TensorBoardLogger
+from tests.handlers.test_tensorboard import scalars  # imports tensorboardX, which sets CRC32C_SW_MODE
 from tests.helpers import mlp, regression_batches
 
 
@@ -212,3 +215,70 @@ def test_bad_options_and_attach_checks(tmp_path):
     with pytest.raises(RuntimeError, match="already attached"):
         log.attach(trainer)
     assert log.state_dict() == {"step": 0, "offset": 0}
+
+
+def test_lines_are_exactly_what_json_dumps_writes():
+    cases = [
+        (1, 1, 1, 0.5, 0.1, 1.25, True, False, 1234.5, 1.7e9, [0.1]),
+        (2, 1, 4, float("nan"), None, None, False, True, None, 1.7e9 + 0.123456, [0.1, 3e-05]),
+        (0, 3, 9, float("inf"), 1e-300, -float("inf"), False, False, 7, 0.0, []),
+    ]
+    for step, epoch, iteration, loss, lr, norm, clipped, skipped, rate, wall, lrs in cases:
+        record = {"step": step, "epoch": epoch, "iteration": iteration, "loss": loss, "lr": lr, "grad_norm": norm,
+                  "clipped": clipped, "skipped": skipped, "samples_per_s": rate, "time": wall}
+        line = _ROW % (step, epoch, iteration, _json_number(loss), _json_number(lr), _json_number(norm),
+                       "true" if clipped else "false", "true" if skipped else "false", _json_number(rate),
+                       _json_number(wall))
+        if len(lrs) > 1:
+            record["lrs"] = lrs
+            line += ', "lrs": [' + ", ".join(map(_json_number, lrs)) + "]"
+        assert line + "}" == json.dumps(record)
+
+
+def test_a_step_without_a_norm_logs_null(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    _, _, trainer = make(accumulation=1, max_grad_norm=None)
+    StepLog(path, flush_every=2).attach(trainer)
+    assert trainer.step.track_grad_norm is True  # attaching asks the step for the norm
+    trainer.step.track_grad_norm = False  # a step that hands out none anyway
+    trainer.run(regression_batches(12, 4), max_epochs=1)
+    rows = read_step_log(path)
+    assert [(r["step"], r["grad_norm"], r["clipped"]) for r in rows] == [(1, None, False), (2, None, False),
+                                                                         (3, None, False)]
+    assert all(isinstance(r["loss"], float) for r in rows)
+
+
+def test_token_counts_as_tensors_weight_the_window_loss(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    model = mlp(in_features=2, out=1)
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, accumulation_steps=3,
+                             batch_size_fn=lambda x, y: torch.tensor(len(y)))
+    StepLog(path, flush_every=2).attach(trainer)
+    truth = record_truth(trainer)
+    trainer.run(regression_batches(30, 4), max_epochs=1)  # 8 batches (the last of 2): windows of 3, 3, 2
+    rows = read_step_log(path)
+    previous = 0
+    for row, (step, _, iteration, norm) in zip(rows, truth["steps"], strict=True):
+        window = [truth["micro"][i] for i in range(previous + 1, iteration + 1)]
+        previous = iteration
+        total = sum(float(n) for _, n in window)
+        assert row["loss"] == pytest.approx(sum(loss * float(n) for loss, n in window) / total, rel=1e-6)
+        assert row["grad_norm"] == pytest.approx(norm, rel=1e-6)
+    assert [r["iteration"] for r in rows] == [3, 6, 8]
+
+
+def test_tensorboard_and_step_log_share_one_window(tmp_path):
+    _, opt, trainer = make(accumulation=2)
+    decay_lr_on_step(trainer, opt)  # attached first: the window reads the rates on GRADIENTS_READY
+    log = StepLog(tmp_path / "steps.jsonl", flush_every=3)
+    log.attach(trainer)
+    tb = TensorBoardLogger(log_dir=tmp_path / "tb", log_every=4)
+    tb.attach(trainer)
+    assert log._window is tb._window is StepWindow.of(trainer)
+    truth = record_truth(trainer)
+    trainer.run(regression_batches(38, 4), max_epochs=1)
+    rows = read_step_log(tmp_path / "steps.jsonl")
+    found = scalars(tmp_path / "tb")
+    assert [(r["step"], r["loss"]) for r in rows] == [(s, pytest.approx(v, rel=1e-6)) for s, v in found["train/loss"]]
+    assert [r["lr"] for r in rows] == pytest.approx([lrs[0] for lrs in truth["lrs"]])
+    assert [v for _, v in found["lr/group0"]] == pytest.approx([lrs[0] for lrs in truth["lrs"]])
