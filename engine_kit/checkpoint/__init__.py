@@ -44,4 +44,5 @@ __all__ = [
     "sweep_stale_temps",
     "validate_name",
     "verify_checkpoint_file",
+    "write_registry",
 ]
