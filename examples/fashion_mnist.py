@@ -211,7 +211,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     @trainer.on(Events.STARTED)
     def note_resume(engine) -> None:
-        if engine.state.resumed_from:
+        state = engine.state
+        finished = state.epoch_length and state.iteration >= state.epoch_length * state.max_epochs
+        if state.resumed_from and finished:
+            print(f"run already complete at optimizer step {state.optimizer_steps}; regenerating the report")
+        elif state.resumed_from:
             crashed_after = int(crash_marker.read_text()) if crash_marker.exists() else engine.state.optimizer_steps
             facts.resumes.append({"from": os.path.basename(engine.state.resumed_from),
                                   "step": engine.state.optimizer_steps, "crashed_after_step": crashed_after})
