@@ -149,7 +149,7 @@ class CheckpointRotation(Handler):
         metric = self._new_metric(engine)
         if metric is None or not self.writer:
             return False
-        kept = [Kept(e.name, e.step, e.metric, frozenset(e.tags)) for e in self._open().entries()]
+        kept = [Kept(e.name, e.step, e.metric) for e in self._open().entries()]
         return self.policy.would_keep(kept, metric)
 
     # -- saving ------------------------------------------------------------
@@ -188,11 +188,10 @@ class CheckpointRotation(Handler):
     def best(self) -> dict[str, Any] | None:
         """The best kept checkpoint: {name, path, step, metric}, or None."""
         directory = self.directory or CheckpointDirectory(self.dirname, read_only=True)
-        scored = [e for e in directory.entries() if e.metric is not None and e.metric == e.metric and abs(e.metric) != float("inf")]
-        if not scored:
+        ranked = self.policy.ranked([Kept(e.name, e.step, e.metric) for e in directory.entries()])
+        if not ranked:
             return None
-        sign = -1.0 if self.policy.mode == "max" else 1.0
-        top = min(scored, key=lambda e: (sign * e.metric, e.step))
+        top = ranked[0]
         return {"name": top.name, "path": os.path.join(self.dirname, top.name), "step": top.step, "metric": top.metric}
 
     # -- resuming ----------------------------------------------------------

@@ -67,9 +67,7 @@ class RotationPolicy:
         candidates = [k for k in kept if k.step != new.step] + [new]
         superseded = [k.name for k in kept if k.step == new.step and k.name != new.name]
         last = sorted(candidates, key=lambda k: k.step)[-self.keep_last :] if self.keep_last else []
-        scored = [k for k in candidates if _is_score(k.metric)]
-        sign = -1.0 if self.mode == "max" else 1.0
-        best = sorted(scored, key=lambda k: (sign * k.metric, k.step))[: self.keep_best]
+        best = self.ranked(candidates)[: self.keep_best]
         last_names, best_names = {k.name for k in last}, {k.name for k in best}
         result, dropped = [], list(superseded)
         for k in candidates:
@@ -82,12 +80,18 @@ class RotationPolicy:
                 dropped.append(k.name)
         return result, dropped
 
+    def ranked(self, kept: Sequence[Kept]) -> list[Kept]:
+        """Checkpoints with a finite metric, best first (ties: the earlier step first)."""
+        sign = -1.0 if self.mode == "max" else 1.0
+        return sorted((k for k in kept if _is_score(k.metric)), key=lambda k: (sign * k.metric, k.step))
+
     def would_keep(self, kept: Sequence[Kept], metric: float | None) -> bool:
-        """Would a checkpoint with ``metric`` enter the best k now?"""
+        """Would a new checkpoint with ``metric`` enter the best k now?
+
+        Decided from the metrics alone, never from stored tags: the kept set
+        always holds the best k, so its ranking is the whole run's ranking.
+        """
         if self.keep_best == 0 or not _is_score(metric):
             return False
-        scores = [k.metric for k in kept if "best" in k.tags and _is_score(k.metric)]
-        if len(scores) < self.keep_best:
-            return True
-        worst = max(scores) if self.mode == "min" else min(scores)
-        return self.better(metric, worst)
+        best = self.ranked(kept)[: self.keep_best]
+        return len(best) < self.keep_best or self.better(metric, best[-1].metric)

@@ -269,3 +269,27 @@ def test_malicious_checkpoint_never_executes(tmp_path, monkeypatch):
                              capture_output=True, text=True, env=env, cwd=ROOT)
     assert inspect.returncode == 1
     assert not sentinel.exists()
+
+
+def test_a_new_best_validation_triggers_a_save_between_scheduled_ones(tmp_path):
+    model = mlp(in_features=2, out=1)
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
+    register_validation_events(trainer)
+    scores = iter([0.5, 0.4, 0.7, 0.6, 0.9])
+
+    @trainer.on(StepEvents.OPTIMIZER_STEP_COMPLETED(every=2))
+    def validate(engine):
+        engine.state.val_metrics = {"acc": next(scores)}
+        engine.state.validations += 1
+        engine.fire_event(ValidationEvents.VALIDATION_COMPLETED)
+
+    CheckpointRotation(tmp_path, at_epoch_end=False, keep_last=0, keep_best=2, metric="acc").attach(trainer)
+    saved_at = []
+    trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda e: saved_at.append(e.state.optimizer_steps))
+    trainer.run(regression_batches(44, 4), max_epochs=1)
+    assert saved_at == [2, 6, 8, 10]  # 11 steps: validations at 2, 4, 6, 8, 10
+    entries = CheckpointDirectory(tmp_path, read_only=True).entries()
+    # Each score that entered the best two was saved (0.5, 0.7, 0.6, 0.9; never 0.4), the
+    # ones pushed out were deleted, and no save happened at a step without a new best.
+    assert [(e.step, e.metric) for e in entries] == [(6, 0.7), (10, 0.9)]
+    assert all(e.tags == ("best",) for e in entries)
