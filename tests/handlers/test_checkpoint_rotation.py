@@ -271,11 +271,12 @@ def test_malicious_checkpoint_never_executes(tmp_path, monkeypatch):
     assert not sentinel.exists()
 
 
-def test_a_new_best_validation_triggers_a_save_between_scheduled_ones(tmp_path):
+def run_best_only(tmp_path, scores, keep_best, n_samples):
+    """Validate every 2 optimizer steps with scripted scores; best-only rotation; the save steps."""
     model = mlp(in_features=2, out=1)
     trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
     register_validation_events(trainer)
-    scores = iter([0.5, 0.4, 0.7, 0.6, 0.9])
+    scores = iter(scores)
 
     @trainer.on(StepEvents.OPTIMIZER_STEP_COMPLETED(every=2))
     def validate(engine):
@@ -283,32 +284,24 @@ def test_a_new_best_validation_triggers_a_save_between_scheduled_ones(tmp_path):
         engine.state.validations += 1
         engine.fire_event(ValidationEvents.VALIDATION_COMPLETED)
 
-    CheckpointRotation(tmp_path, at_epoch_end=False, keep_last=0, keep_best=2, metric="acc").attach(trainer)
+    CheckpointRotation(tmp_path, at_epoch_end=False, keep_last=0, keep_best=keep_best, metric="acc").attach(trainer)
     saved_at = []
     trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda e: saved_at.append(e.state.optimizer_steps))
-    trainer.run(regression_batches(44, 4), max_epochs=1)
-    assert saved_at == [2, 4, 6, 8, 10]  # every score entered the best two when it came  # 11 steps: validations at 2, 4, 6, 8, 10
-    entries = CheckpointDirectory(tmp_path, read_only=True).entries()
+    trainer.run(regression_batches(n_samples, 4), max_epochs=1)
+    return saved_at, CheckpointDirectory(tmp_path, read_only=True).entries()
+
+
+def test_a_new_best_validation_triggers_a_save_between_scheduled_ones(tmp_path):
+    # 11 steps: validations at 2, 4, 6, 8, 10.
+    saved_at, entries = run_best_only(tmp_path, [0.5, 0.4, 0.7, 0.6, 0.9], keep_best=2, n_samples=44)
+    assert saved_at == [2, 4, 6, 8, 10]  # every score entered the best two when it came
     # Those pushed out of the best two later (0.4, 0.5, 0.6) were deleted.
     assert [(e.step, e.metric) for e in entries] == [(6, 0.7), (10, 0.9)]
     assert all(e.tags == ("best",) for e in entries)
 
 
 def test_a_validation_that_is_not_among_the_best_saves_nothing(tmp_path):
-    model = mlp(in_features=2, out=1)
-    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
-    register_validation_events(trainer)
-    scores = iter([0.9, 0.8, 0.7, 0.95])
-
-    @trainer.on(StepEvents.OPTIMIZER_STEP_COMPLETED(every=2))
-    def validate(engine):
-        engine.state.val_metrics = {"acc": next(scores)}
-        engine.state.validations += 1
-        engine.fire_event(ValidationEvents.VALIDATION_COMPLETED)
-
-    CheckpointRotation(tmp_path, at_epoch_end=False, keep_last=0, keep_best=1, metric="acc").attach(trainer)
-    saved_at = []
-    trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda e: saved_at.append(e.state.optimizer_steps))
-    trainer.run(regression_batches(36, 4), max_epochs=1)  # 9 steps: validations at 2, 4, 6, 8
+    # 9 steps: validations at 2, 4, 6, 8.
+    saved_at, entries = run_best_only(tmp_path, [0.9, 0.8, 0.7, 0.95], keep_best=1, n_samples=36)
     assert saved_at == [2, 8]
-    assert [(e.step, e.metric) for e in CheckpointDirectory(tmp_path, read_only=True).entries()] == [(8, 0.95)]
+    assert [(e.step, e.metric) for e in entries] == [(8, 0.95)]
