@@ -15,6 +15,7 @@ number of workers. Three pieces make that true:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping
@@ -27,14 +28,17 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from engine_kit.errors import fix_message
 
-__all__ = ["ResumableLoader", "epoch_order", "mix_seed"]
+__all__ = ["ResumableLoader", "dataset_fingerprint", "epoch_order", "mix_seed"]
 
 _MASK64 = (1 << 64) - 1
 # Salts keep the seeds of the order, the samples, the workers and the
 # DataLoader's generator independent although all derive from (seed, epoch).
 _ORDER, _SAMPLE, _WORKER, _LOADER = 1, 2, 3, 4
 _STATE_KEYS = ("seed", "epoch", "consumed", "batch_size", "shuffle", "drop_last", "dataset_len")
-_MUST_MATCH = ("seed", "batch_size", "shuffle", "drop_last", "dataset_len")
+# Recorded since the dataset fingerprint and world size were added: optional when reading.
+_OPTIONAL_KEYS = ("dataset_fingerprint", "num_replicas")
+_MUST_MATCH = ("seed", "batch_size", "shuffle", "drop_last", "dataset_len", "dataset_fingerprint", "num_replicas")
+_FINGERPRINT_SEED = 0x5EED
 _STATE_FIX = "pass the dict returned by ResumableLoader.state_dict()."
 
 
@@ -289,6 +293,7 @@ class ResumableLoader:
         }
         self._wrapped = _ReseededDataset(dataset) if reseed_samples else dataset
         self._loader: DataLoader | None = None  # built at the first next(), reused after
+        self._fingerprint: str | None = None  # computed at the first state_dict()
 
     def __len__(self) -> int:
         """Batches of a full epoch on this rank, whatever ``consumed`` is."""
@@ -331,22 +336,49 @@ class ResumableLoader:
         return {
             "seed": plan.seed, "epoch": self._epoch, "consumed": self._consumed, "batch_size": plan.batch_size,
             "shuffle": plan.shuffle, "drop_last": plan.drop_last, "dataset_len": plan.dataset_len,
+            "dataset_fingerprint": self.dataset_fingerprint(), "num_replicas": plan.num_replicas,
         }
+
+    def dataset_fingerprint(self) -> str:
+        """A short hash of the dataset's length, type and a few samples: another dataset gives another one.
+
+        The samples (first, middle, last) are loaded once, with every RNG seeded
+        and then put back, so random augmentation neither changes the hash nor
+        disturbs the training loop.
+
+        >>> ResumableLoader([1, 2, 3], 2).dataset_fingerprint() == ResumableLoader([1, 2, 3], 3).dataset_fingerprint()
+        True
+        >>> ResumableLoader([1, 2, 3], 2).dataset_fingerprint() == ResumableLoader([1, 2, 4], 2).dataset_fingerprint()
+        False
+        """
+        if self._fingerprint is None:
+            self._fingerprint = dataset_fingerprint(self._dataset)
+        return self._fingerprint
+
+    def state_differences(self, state: Mapping[str, Any]) -> list[str]:
+        """Each saved setting that differs from this loader's, as ``"name: saved X vs live Y"`` (empty: it fits)."""
+        mine = self.state_dict()
+        return [f"{k}: checkpoint {state[k]!r} vs live {mine[k]!r}" for k in self._differing(state, mine)]
+
+    @staticmethod
+    def _differing(state: Mapping[str, Any], mine: Mapping[str, Any]) -> list[str]:
+        return [k for k in _MUST_MATCH if k in state and state[k] != mine[k]]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the position from ``state_dict()``; refuse, changing nothing, a state of other settings."""
         if not isinstance(state, Mapping):
             problem = f"the data-order state is a {type(state).__name__}, not a dict."
             raise TypeError(fix_message(problem, _STATE_FIX))
-        missing, unexpected = sorted(set(_STATE_KEYS) - set(state)), sorted(set(state) - set(_STATE_KEYS))
+        known = set(_STATE_KEYS) | set(_OPTIONAL_KEYS)
+        missing, unexpected = sorted(set(_STATE_KEYS) - set(state)), sorted(set(state) - known)
         if missing or unexpected:
             problem = f"the data-order state has missing keys {missing} and unexpected keys {unexpected}."
             raise ValueError(fix_message(problem, _STATE_FIX))
         mine = self.state_dict()
-        differ = [f"{k}={state[k]!r} (this loader: {mine[k]!r})" for k in _MUST_MATCH if state[k] != mine[k]]
+        differ = [f"{k}={state[k]!r} (this loader: {mine[k]!r})" for k in self._differing(state, mine)]
         if differ:
             problem = f"the saved data order does not match this loader: {', '.join(differ)}."
-            fix = "build the loader with the seed, batch_size, shuffle, drop_last and dataset of that run."
+            fix = "build the loader with the seed, batch_size, shuffle, drop_last, dataset and world size of that run."
             raise ValueError(fix_message(problem, fix))
         self.set_position(state["epoch"], state["consumed"])
 
@@ -379,6 +411,52 @@ class ResumableLoader:
     def rank(self) -> int:
         """This process's rank."""
         return self._plan.rank
+
+
+def _hash_sample(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, (tuple, list)):
+        digest.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _hash_sample(digest, item)
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _hash_sample(digest, value[key])
+    elif isinstance(value, (int, float, str, bytes, bool)) or value is None:
+        digest.update(repr(value).encode())
+    elif hasattr(value, "tobytes"):  # PIL images and the like
+        digest.update(type(value).__name__.encode() + value.tobytes())
+    else:
+        digest.update(type(value).__name__.encode())
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """SHA-256 (16 hex digits) of a dataset's type, length and first, middle and last samples.
+
+    Cheap (three samples) and deterministic: the samples are loaded with every
+    RNG seeded, and the caller's RNG states are put back afterwards.
+
+    >>> dataset_fingerprint(list(range(10))) == dataset_fingerprint(list(range(10)))
+    True
+    """
+    length = len(dataset)
+    digest = hashlib.sha256(f"{type(dataset).__qualname__}:{length}".encode())
+    saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        for index in sorted({0, length // 2, length - 1}):
+            _seed_everything(mix_seed(_FINGERPRINT_SEED, index))
+            _hash_sample(digest, dataset[index])
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
+    return digest.hexdigest()[:16]
 
 
 def _dataset_length(dataset: Any) -> int:

@@ -39,8 +39,14 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Put back what ``capture_rng_state`` returned (call it last when resuming)."""
+def restore_rng_state(state: dict[str, Any], *, cuda: bool = True) -> None:
+    """Put back what ``capture_rng_state`` returned (call it last when resuming).
+
+    Args:
+        state: what ``capture_rng_state`` returned.
+        cuda: also restore the CUDA generators; ``False`` leaves them as they are
+            (a resume accepted on a machine with another number of GPUs).
+    """
     python = state["python"]
     random.setstate((python["version"], tuple(int(w) for w in python["state"].tolist()), python["gauss_next"]))
     numpy_state = state["numpy"]
@@ -55,7 +61,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     cuda_states = state.get("cuda") or []
-    if cuda_states and torch.cuda.is_available():
+    if cuda and cuda_states and torch.cuda.is_available():
         if len(cuda_states) != torch.cuda.device_count():
             raise ValueError(
                 f"the checkpoint holds RNG states for {len(cuda_states)} CUDA devices, this machine has "

@@ -211,6 +211,7 @@ def test_state_dict_round_trip() -> None:
     state = loader.state_dict()
     assert state == {
         "seed": 3, "epoch": 2, "consumed": 3, "batch_size": 4, "shuffle": True, "drop_last": False, "dataset_len": 20,
+        "dataset_fingerprint": loader.dataset_fingerprint(), "num_replicas": 1,
     }
     fresh = ResumableLoader(CountingDataset(20), 4, seed=3)
     fresh.load_state_dict(state)
