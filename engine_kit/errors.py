@@ -42,3 +42,16 @@ class CheckpointCorruptError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the live objects; nothing was applied."""
+
+
+class RankAgreementError(RuntimeError):
+    """A step of a multi-process run failed on some rank, or the ranks disagree.
+
+    Raised with the same message on every rank, so that all of them stop
+    together instead of training apart or waiting forever on a collective.
+    ``failures`` maps each failing rank to its ``"ErrorType: message"``.
+    """
+
+    def __init__(self, message: str, *, failures: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failures = dict(failures or {})
