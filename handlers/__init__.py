@@ -10,6 +10,7 @@ True
 """
 
 from handlers.checkpoint import CheckpointRotation
+from handlers.doctor import Doctor
 from handlers.early_stopping import EarlyStopChecker, EarlyStopping
 from handlers.events import ValidationEvents, register_validation_events
 from handlers.grad_norm import GradNormLogger
@@ -30,6 +31,7 @@ from handlers.validation import Validation
 
 __all__ = [
     "CheckpointRotation",
+    "Doctor",
     "EarlyStopChecker",
     "EarlyStopping",
     "GradNormLogger",

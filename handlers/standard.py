@@ -10,6 +10,7 @@ from typing import Any
 from ignite.engine import Engine
 
 from handlers.checkpoint import CheckpointRotation
+from handlers.doctor import Doctor
 from handlers.early_stopping import EarlyStopping
 from handlers.grad_norm import GradNormLogger
 from handlers.nan_guard import NanGuard
@@ -31,6 +32,7 @@ class StandardHandlers:
     nan_guard: NanGuard
     progress: ProgressBar | None
     checkpoints: CheckpointRotation
+    doctor: Doctor | None = None
 
 
 def attach_standard(
@@ -51,10 +53,11 @@ def attach_standard(
     progress: bool = False,
     resume: str | None = "auto",
     train_data: Any = None,
+    doctor: bool = True,
 ) -> StandardHandlers:
-    """Validation, early stopping, TensorBoard, grad norms, step log, NaN guard, progress, checkpoints.
+    """Validation, early stopping, TensorBoard, grad norms, step log, NaN guard, doctor, progress, checkpoints.
 
-    Files go under ``run_dir``: ``tb/``, ``steps.jsonl``, ``checkpoints/``.
+    Files go under ``run_dir``: ``tb/``, ``steps.jsonl``, ``doctor.json``, ``checkpoints/``.
     Order matters and is handled here: validation first (its metrics feed
     early stopping, TensorBoard and best-k), the checkpoint handler last (so a
     checkpoint captures every other handler's state after it ran).
@@ -73,6 +76,8 @@ def attach_standard(
         progress: show a tqdm bar.
         resume: "auto" (newest valid checkpoint in run_dir), a path, or None.
         train_data: the training dataset/loader, to warn when validation overlaps it.
+        doctor: attach a ``Doctor`` (findings in the log, TensorBoard and ``doctor.json``);
+            it adds no per-iteration work once the first iterations are checked.
 
     >>> import tempfile, torch
     >>> from ignite.metrics import Accuracy
@@ -103,6 +108,10 @@ def attach_standard(
     step_log.attach(trainer)
     nan_guard = NanGuard(check_every=log_every)
     nan_guard.attach(trainer)
+    doctor_handler = None
+    if doctor:
+        doctor_handler = Doctor(path=run_dir / "doctor.json", train_data=train_data)
+        doctor_handler.attach(trainer)
     bar = None
     if progress:
         bar = ProgressBar()
@@ -110,4 +119,5 @@ def attach_standard(
     checkpoints = CheckpointRotation(run_dir / "checkpoints", every_steps=checkpoint_every_steps, keep_last=keep_last,
                                      keep_best=keep_best, metric=metric if keep_best else None, mode=mode, resume=resume)
     checkpoints.attach(trainer)
-    return StandardHandlers(validation, early_stopping, tensorboard, grad_norm, step_log, nan_guard, bar, checkpoints)
+    return StandardHandlers(validation, early_stopping, tensorboard, grad_norm, step_log, nan_guard, bar, checkpoints,
+                            doctor_handler)

@@ -31,6 +31,7 @@ VAL = classification_batches(2, 4, seed=9)
 # name -> builder(tmp_path, evaluator) for handler classes; None for functions and plain types.
 BUILDERS = {
     "CheckpointRotation": lambda tmp, ev: handlers.CheckpointRotation(tmp / "ckpt"),
+    "Doctor": lambda tmp, ev: handlers.Doctor(path=tmp / "doctor.json"),
     "EarlyStopping": lambda tmp, ev: handlers.EarlyStopping(metric="accuracy", patience=2, mode="max"),
     "GradNormLogger": lambda tmp, ev: handlers.GradNormLogger(),
     "NanGuard": lambda tmp, ev: handlers.NanGuard(),

@@ -1,0 +1,382 @@
+"""Doctor: runs the ``engine_kit.doctor`` checks during training, at no per-iteration cost in steady state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from ignite.engine.events import RemovableEventHandle
+
+from engine_kit.doctor import (
+    BatchWaitClock,
+    DoctorSettings,
+    Finding,
+    LossProbe,
+    add_new,
+    check_batch_device,
+    check_batchnorm_accumulation,
+    check_best_kept,
+    check_data_wait,
+    check_gradients_received,
+    check_overfitting,
+    check_parameters,
+    check_schedule,
+    check_steps,
+    check_train_mode,
+    check_validation_data,
+    check_weight_decay,
+    parameter_groups_with_non_finite,
+    planned_optimizer_steps,
+)
+from engine_kit.doctor.step_checks import first_non_finite
+from engine_kit.engine import cleanup_handler
+from engine_kit.errors import fix_message
+from engine_kit.events import StepEvents
+from engine_kit.stateful import stateful_objects
+from handlers.base import Handler, check_state_keys, require_step_events
+from handlers.checkpoint import CheckpointRotation
+from handlers.events import ValidationEvents, register_validation_events
+from handlers.step_log import StepLog
+from handlers.step_window import fetch
+from handlers.tensorboard import TensorBoardLogger
+from handlers.validation import Validation
+
+logger = logging.getLogger("engine_kit.doctor")
+
+
+class StepRows:
+    """The step log's rows, read from the ``StepLog`` file after its own flushes (host data only).
+
+    Without a ``StepLog`` on the trainer, ``record`` keeps each step's loss and
+    gradient norm as the step's own tensors and ``rows`` reads them in one
+    transfer, at the doctor's (rare) review points.
+    """
+
+    def __init__(self) -> None:
+        self.step_log: StepLog | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._offset = 0
+        self._pending: list[tuple[int, Any, Any]] = []
+
+    def record(self, engine: Engine) -> None:
+        output = engine.state.output
+        self._pending.append((engine.state.optimizer_steps, output.loss, output.grad_norm))
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self.step_log is not None:
+            self._read_file(self.step_log)
+        elif self._pending:
+            pending, self._pending = self._pending, []
+            values = fetch([value for _, loss, norm in pending for value in (loss, norm)])
+            self._rows += [{"step": step, "loss": values[2 * i], "grad_norm": values[2 * i + 1]}
+                           for i, (step, _, _) in enumerate(pending)]
+        return self._rows
+
+    def _read_file(self, step_log: StepLog) -> None:
+        step_log.flush()  # a no-op unless steps are pending: the log's own read, not one more per step
+        if not os.path.exists(step_log.path):
+            return
+        if os.path.getsize(step_log.path) < self._offset:  # truncated by a resume: read it again
+            self._rows, self._offset = [], 0
+        with open(step_log.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # whole lines only
+        self._offset += end
+        for line in data[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "step" in row:
+                self._rows.append(row)
+
+
+class Doctor(Handler):
+    """Finds the classic training mistakes while the run goes and says how to fix each.
+
+    When it looks (every check is a function of ``engine_kit.doctor``):
+
+    * when the run starts, before the first step: parameters (all frozen, not
+      in the optimizer), BatchNorm with accumulation, weight decay on biases
+      and norms, the schedule's length against the run's optimizer steps, a
+      shuffled or overlapping validation set, ``keep_best=0`` with validation;
+    * on the first ``settings.first_batches`` micro-batches: what the loss
+      functions receive (logits or probabilities), the batches' device,
+      which parameters get gradients; over the next
+      ``settings.timing_iterations`` iterations, host clocks time the wait
+      for batches. Then these per-iteration handlers detach themselves;
+    * at each validation and each epoch end: the model left in eval mode,
+      overfitting, and the step-log checks (loss not falling, gradient norm
+      rising, clipping share, first NaN/inf), on the rows ``StepLog`` has
+      already written (its file is read; nothing on the device is).
+
+    So in steady state the doctor adds no work per iteration and no host
+    sync. Without a ``StepLog`` on the trainer it keeps each step's loss and
+    norm tensors itself (one list append per step) and reads them at epoch end.
+
+    Each finding is reported once: one line on the ``engine_kit.doctor``
+    logger (warning level; Python prints it to stderr when logging is not
+    configured), a TensorBoard text (``doctor/<code>``, through ``writer`` or
+    the writer of the trainer's ``TensorBoardLogger``), ``findings`` and
+    ``trainer.state.doctor_findings``, and ``path`` (``doctor.json``: the
+    findings and the facts they were judged by, which ``engine-kit doctor``
+    and the run report read). Only rank 0 reports.
+
+    Args:
+        path: where to write the findings as JSON (None: not written).
+        writer: a tensorboardX ``SummaryWriter`` for the text records (default:
+            the trainer's ``TensorBoardLogger``'s, if any).
+        val_loader: a validation loader run by your own code (``Validation``
+            handlers on the trainer are found by themselves).
+        train_data: the training dataset, for the overlap check (default: the
+            ``Validation``'s ``train_data``, else the data passed to ``run``).
+        settings: the thresholds (``engine_kit.doctor.DoctorSettings``).
+
+    >>> import torch
+    >>> from engine_kit import create_trainer
+    >>> model = torch.nn.Linear(2, 1)
+    >>> trainer = create_trainer(model, torch.optim.AdamW(model.parameters()), torch.nn.functional.mse_loss)
+    >>> doctor = Doctor()
+    >>> doctor.attach(trainer)
+    >>> _ = trainer.run([(torch.randn(4, 2), torch.randn(4, 1))] * 3, max_epochs=1)
+    >>> [finding.code for finding in doctor.findings]
+    ['weight-decay-on-norms']
+    """
+
+    state_keys = ("findings",)
+
+    def __init__(
+        self,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        writer: Any = None,
+        val_loader: Any = None,
+        train_data: Any = None,
+        settings: DoctorSettings | None = None,
+    ) -> None:
+        super().__init__()
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(fix_message(f"path={path!r} is not a path.", "pass a file path such as 'runs/exp1/doctor.json'."))
+        if writer is not None and not hasattr(writer, "add_text"):
+            raise TypeError(
+                fix_message(f"writer is a {type(writer).__name__} without add_text.",
+                            "pass a tensorboardX.SummaryWriter, or None to use the TensorBoardLogger's.")
+            )
+        if settings is not None and not isinstance(settings, DoctorSettings):
+            raise TypeError(
+                fix_message(f"settings is a {type(settings).__name__}.",
+                            "pass engine_kit.doctor.DoctorSettings(...), or None for the defaults.")
+            )
+        self.path = None if path is None else os.fspath(path)
+        self.writer = writer
+        self.val_loader = val_loader
+        self.train_data = train_data
+        self.settings = settings or DoctorSettings()
+        self.findings: list[Finding] = []
+        self._trainer: Engine | None = None
+        self._reporting = True
+        self._rows = StepRows()
+        self._planned = 0
+        self._clock = BatchWaitClock(self.settings.timing_iterations)
+        self._batches_checked = 0
+        self._windows_seen = 0
+        self._with_gradient: set[int] = set()
+        self._handles: dict[str, RemovableEventHandle] = {}
+
+    # -- wiring ----------------------------------------------------------------
+    def attach(self, trainer: Engine) -> None:
+        """Check ``trainer`` (an ``engine_kit.create_trainer`` engine) from its start to its end."""
+        require_step_events(trainer, type(self).__name__)
+        if not all(hasattr(getattr(trainer, "step", None), name) for name in ("model", "optimizer", "loss_fn")):
+            raise TypeError(
+                fix_message("the trainer has no step with model, optimizer and loss_fn.",
+                            "attach the doctor to the engine that engine_kit.create_trainer(...) returned.")
+            )
+        self._claim(trainer)
+        self._trainer = trainer
+        self._reporting = idist.get_rank() == 0
+        register_validation_events(trainer)
+        trainer.state.doctor_findings = self.findings
+        trainer.add_event_handler(Events.STARTED, self._before_first_step)
+        for name, event, handler in (
+            ("requested", Events.GET_BATCH_STARTED, self._batch_requested),
+            ("fetched", Events.GET_BATCH_COMPLETED, self._batch_fetched),
+            ("gradients", StepEvents.GRADIENTS_READY, self._gradients_ready),
+        ):
+            self._handles[name] = trainer.add_event_handler(event, handler)
+        trainer.add_event_handler(ValidationEvents.VALIDATION_COMPLETED, self._after_validation)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._after_epoch)
+        for event in (Events.COMPLETED, Events.TERMINATE):
+            trainer.add_event_handler(event, self._finish)
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+
+    def _detach(self, name: str) -> None:
+        handle = self._handles.pop(name, None)
+        if handle is not None:
+            handle.remove()
+
+    def _others(self, engine: Engine, kind: type) -> list[Any]:
+        return [obj for obj in stateful_objects(engine).values() if isinstance(obj, kind)]
+
+    # -- reporting -------------------------------------------------------------
+    def report(self, findings: list[Finding]) -> None:
+        """Record the findings not reported yet: log line, TensorBoard text, ``path``."""
+        new = add_new(self.findings, findings)
+        if not new or not self._reporting:
+            return
+        writer = self._writer()
+        for finding in new:
+            logger.warning(finding.line())
+            if writer is not None:
+                writer.add_text(f"doctor/{finding.code}", finding.line(), finding.step)
+        self._write()
+
+    def _writer(self) -> Any:
+        if self.writer is not None:
+            return self.writer
+        loggers = self._others(self._trainer, TensorBoardLogger) if self._trainer is not None else []
+        return loggers[0].writer if loggers else None
+
+    def _context(self) -> dict[str, Any]:
+        trainer = self._trainer
+        step = getattr(trainer, "step", None)
+        rotations = self._others(trainer, CheckpointRotation) if trainer is not None else []
+        best = rotations[0].best() if rotations and rotations[0].policy.keep_best else None
+        return {
+            "max_grad_norm": getattr(step, "max_grad_norm", None),
+            "accumulation_steps": getattr(step, "accumulation_steps", None),
+            "planned_steps": self._planned,
+            "val_history": list(getattr(getattr(trainer, "state", None), "val_history", []) or []),
+            "best_checkpoint": best and best.get("name"),
+            "settings": dataclasses.asdict(self.settings),
+        }
+
+    def _write(self) -> None:
+        if self.path is None or not self._reporting:
+            return
+        data = {"findings": [f.to_dict() for f in self.findings], "context": self._context()}
+        temporary = f"{self.path}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(temporary, self.path)
+
+    # -- before the first step -------------------------------------------------
+    def _before_first_step(self, engine: Engine) -> None:
+        step, state = engine.step, engine.state
+        model, optimizer = step.model, step.optimizer
+        findings = check_parameters(model, optimizer)
+        findings += check_batchnorm_accumulation(model, step.accumulation_steps)
+        findings += check_weight_decay(model, optimizer)
+        if state.epoch_length:
+            self._planned = planned_optimizer_steps(state.epoch_length, state.max_epochs, step.accumulation_steps)
+            findings += check_schedule(getattr(state, "lr_schedulers", []), self._planned, self.settings)
+        validations = self._others(engine, Validation)
+        val_loaders = [v.loader for v in validations] + ([self.val_loader] if self.val_loader is not None else [])
+        train_data = self.train_data or next((v.train_data for v in validations if v.train_data is not None),
+                                             state.dataloader)
+        for loader in val_loaders:
+            findings += check_validation_data(train_data, loader, self.settings)
+        for rotation in self._others(engine, CheckpointRotation):
+            findings += check_best_kept(rotation.policy.keep_best, bool(val_loaders), rotation.metric)
+        self._rows.step_log = next((log for log in self._others(engine, StepLog) if log._enabled), None)
+        if self._rows.step_log is None and "record" not in self._handles:
+            self._handles["record"] = engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self._rows.record)
+        if not isinstance(step.loss_fn, LossProbe):
+            step.loss_fn = LossProbe(step.loss_fn, self.settings.first_batches, self.report, self._restore_loss(step))
+        self.report(findings)
+
+    @staticmethod
+    def _restore_loss(step: Any) -> Callable[[Callable], None]:
+        def restore(loss_fn: Callable) -> None:
+            step.loss_fn = loss_fn
+
+        return restore
+
+    # -- the first iterations --------------------------------------------------
+    def _batch_requested(self, engine: Engine) -> None:
+        if engine.state.iteration >= 2:  # the first batches pay for worker start-up: not steady state
+            self._clock.started(engine.state.epoch)
+
+    def _batch_fetched(self, engine: Engine) -> None:
+        state = engine.state
+        self._clock.fetched()
+        if self._batches_checked < self.settings.first_batches:
+            self._batches_checked += 1
+            self.report(check_batch_device(state.batch, engine.step.device, state.iteration + 1))
+        if self._clock.done:
+            self._detach("requested")
+            self._detach("fetched")
+            self._report_data_wait(engine)
+
+    def _report_data_wait(self, engine: Engine) -> None:
+        self.report(check_data_wait(self._clock, engine.state.dataloader, engine.step.device, self.settings,
+                                    engine.state.optimizer_steps))
+        self._clock.totals.clear()
+
+    def _gradients_ready(self, engine: Engine) -> None:
+        # Whether .grad is set is host bookkeeping: reading it touches no device memory.
+        model = engine.step.model
+        self._with_gradient.update(id(p) for p in model.parameters() if p.grad is not None)
+        self._windows_seen += 1
+        if self._windows_seen >= self.settings.first_batches:
+            self._detach("gradients")
+            self.report(check_gradients_received(model, self._with_gradient, self._windows_seen))
+
+    # -- validations, epochs, the end -----------------------------------------
+    def _after_validation(self, engine: Engine) -> None:
+        self.report(check_train_mode(engine.step.model, f"validation {engine.state.validations}",
+                                     engine.state.optimizer_steps))
+        rotations = self._others(engine, CheckpointRotation)
+        best = rotations[0].best() if rotations and rotations[0].policy.keep_best else None
+        self.report(check_overfitting(engine.state.val_history, self._rows.rows(), self.settings,
+                                      best and best.get("name")))
+
+    def _after_epoch(self, engine: Engine) -> None:
+        self.report(check_train_mode(engine.step.model, f"the end of epoch {engine.state.epoch}",
+                                     engine.state.optimizer_steps))
+        self._review(engine, final=False)
+
+    def _review(self, engine: Engine, *, final: bool) -> None:
+        rows = self._rows.rows()
+        bad_groups = None
+        if final and first_non_finite(rows) is not None and "non-finite" not in self.codes:
+            bad_groups = parameter_groups_with_non_finite(engine.step.optimizer)  # once, at the end
+        self.report(check_steps(rows, engine.step.max_grad_norm, self._planned or len(rows), self.settings,
+                                final=final, bad_groups=bad_groups))
+
+    def _finish(self, engine: Engine) -> None:
+        step = engine.step
+        if isinstance(step.loss_fn, LossProbe):  # fewer batches than probed: judge those seen
+            step.loss_fn.finish()
+        if "gradients" in self._handles and self._windows_seen:
+            self._detach("gradients")
+            self.report(check_gradients_received(step.model, self._with_gradient, self._windows_seen))
+        if "fetched" in self._handles and len(self._clock.totals) >= 8:
+            self._report_data_wait(engine)
+        self._review(engine, final=True)
+        self._write()
+
+    @cleanup_handler  # reports what it found, never swallows the run's error (a failure here becomes a note)
+    def _on_exception(self, engine: Engine, error: BaseException) -> None:
+        self._finish(engine)
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def codes(self) -> list[str]:
+        """The codes of the findings so far, in the order found."""
+        return [finding.code for finding in self.findings]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"findings": [finding.to_dict() for finding in self.findings]}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        check_state_keys(type(self).__name__, self.state_keys, state_dict)
+        self.findings[:] = [Finding.from_dict(entry) for entry in state_dict["findings"]]
