@@ -15,6 +15,7 @@ from engine_kit.errors import (
 from engine_kit.evaluator import create_evaluator
 from engine_kit.events import StepEvents
 from engine_kit.precision import Precision, resolve_precision
+from engine_kit.resumable import resumable_objects
 from engine_kit.state import StepOutput
 from engine_kit.trainer import create_trainer
 
@@ -34,4 +35,5 @@ __all__ = [
     "create_evaluator",
     "create_trainer",
     "resolve_precision",
+    "resumable_objects",
 ]

@@ -1,63 +1,59 @@
-"""An ignite ``Engine`` that never swallows errors and names failing handlers."""
+"""An ignite ``Engine`` that names failing handlers and never lets a cleanup error hide the real one."""
 
 from __future__ import annotations
 
-import functools
+import inspect
+import weakref
 from typing import Any, Callable
 
-from ignite.engine import Engine, EventsList
+from ignite.engine import Engine, Events
 
 from engine_kit.errors import HandlerError
 
 
-def _describe(handler: Callable) -> str:
+def describe_handler(handler: Callable) -> str:
+    """A readable name for ``handler``: ``Class.method``, the function's qualified name, or its class.
+
+    >>> describe_handler(len), describe_handler(describe_handler)
+    ('len', 'describe_handler')
+    """
     owner = getattr(handler, "__self__", None)
-    if owner is not None:
+    if owner is not None and not inspect.ismodule(owner):
         return f"{type(owner).__name__}.{getattr(handler, '__name__', 'handler')}"
     name = getattr(handler, "__qualname__", None) or getattr(handler, "__name__", None)
     return name or type(handler).__name__
 
 
-class _GuardedHandler:
-    """Calls a handler and re-raises its failure naming handler and event.
+def _user_handler(handler: Callable) -> Callable:
+    # ignite wraps filtered handlers (every=, once=) and keeps the user's one behind _parent.
+    parent = getattr(handler, "_parent", None)
+    resolved = parent() if parent is not None else None
+    return resolved if resolved is not None else handler
 
-    Equality with the wrapped handler keeps ignite's ``has_event_handler`` and
-    ``remove_event_handler`` working with the user's original callable.
+
+def cleanup_handler(handler: Callable) -> Callable:
+    """Mark an ``EXCEPTION_RAISED`` handler as cleanup only: it never decides the error's fate.
+
+    ignite ends a run quietly when an ``EXCEPTION_RAISED`` handler returns
+    without re-raising. A handler that only flushes or closes something (a log
+    writer, the evaluator's mode restore) must not swallow the error by merely
+    being attached: marked handlers run, and the error is re-raised unless an
+    unmarked handler handled it.
+
+    >>> @cleanup_handler
+    ... def close_files(engine, error): ...
+    >>> close_files._engine_kit_cleanup
+    True
     """
-
-    def __init__(self, handler: Callable, event: Any) -> None:
-        self.handler = handler
-        self.event = event
-        # inspect.signature follows __wrapped__, so ignite's signature check sees the real one.
-        self.__wrapped__ = handler
-        functools.update_wrapper(self, handler, updated=())
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self.handler(*args, **kwargs)
-        except HandlerError:
-            raise
-        except Exception as err:
-            name = _describe(self.handler)
-            event = getattr(self.event, "name", str(self.event))
-            raise HandlerError(
-                f"handler {name} failed on event {event}: {type(err).__name__}: {err}",
-                handler_name=name,
-                event=event,
-            ) from err
-
-    def __eq__(self, other: object) -> bool:
-        return other is self or other == self.handler
-
-    def __hash__(self) -> int:
-        return hash(self.handler)
+    handler._engine_kit_cleanup = True  # type: ignore[attr-defined]
+    return handler
 
 
 def fire_if_handled(engine: Engine, event: Any) -> None:
     """Fire a registered ``event`` only when a handler listens: the hot path's cheap ``fire_event``.
 
     ``Engine.fire_event`` re-validates the event (a linear scan) and formats a
-    debug message on every call; the step fires up to four events per
+    debug message on every call; the step fires up to five events per
     iteration, most of them usually without handlers.
     """
     if engine._event_handlers.get(event):
@@ -65,31 +61,92 @@ def fire_if_handled(engine: Engine, event: Any) -> None:
 
 
 class GuardedEngine(Engine):
-    """ignite ``Engine`` with two guarantees that plain ignite lacks.
+    """ignite ``Engine`` that names failing handlers; otherwise it behaves as ignite documents.
 
     * An exception raised inside a handler surfaces as ``HandlerError`` naming
-      the handler and the event (the original is its ``__cause__``).
-    * An exception is always re-raised, even when ``EXCEPTION_RAISED`` handlers
-      are attached (ignite would hand it to them and swallow it); those
-      handlers still run first.
+      the handler and the event (the original is its ``__cause__``). The
+      handler lists (``_event_handlers``, ``RemovableEventHandle.handler``)
+      hold the user's own callables, as in ignite.
+    * ``EXCEPTION_RAISED`` works as in ignite: handlers get the error; the run
+      ends quietly unless one of them re-raises it. Handlers marked with
+      ``cleanup_handler`` (engine_kit's log writers) run but never swallow the
+      error. The handlers run once per error (ignite runs them a second time
+      when the error leaves the epoch loop).
+    * The first error wins: when an ``EXCEPTION_RAISED`` handler itself fails,
+      the original error is raised with that failure attached as a note
+      (``add_note``) and the remaining handlers still run.
+    * After a run that raised, the next ``run()`` resumes from the failed
+      iteration (ignite 0.5.5 would return ``None`` without running).
 
     >>> engine = GuardedEngine(lambda engine, batch: batch)
     >>> engine.run([1, 2], max_epochs=1).output
     2
     """
 
-    def add_event_handler(self, event_name: Any, handler: Callable, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(event_name, EventsList) and not isinstance(handler, _GuardedHandler):
-            handler = _GuardedHandler(handler, event_name)
-        return super().add_event_handler(event_name, handler, *args, **kwargs)
+    def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
+        # ignite's loop, with each call guarded; no per-call debug formatting.
+        self.last_event_name = event_name
+        for func, args, kwargs in self._event_handlers[event_name]:
+            kwargs.update(event_kwargs)
+            if args and isinstance(args[0], weakref.ref):
+                resolved_engine = args[0]()
+                if resolved_engine is None:
+                    raise RuntimeError("Engine reference not resolved. Cannot execute event handler.")
+                first, others = (resolved_engine,), args[1:]
+            else:
+                first, others = (), args
+            try:
+                func(*first, *(event_args + others), **kwargs)
+            except HandlerError:
+                raise
+            except Exception as err:
+                if event_name == Events.EXCEPTION_RAISED:
+                    raise
+                raise _handler_error(func, event_name, err) from err
+
+    def _internal_run(self) -> Any:
+        # ignite 0.5.5 keeps the generator an exception finished, so the next run()
+        # returns None without running: drop it, and the next run() resumes.
+        try:
+            return super()._internal_run()
+        except BaseException:
+            self._internal_run_generator = None
+            raise
 
     def _handle_exception(self, e: BaseException) -> None:
-        # ignite handles an exception twice (epoch loop, then run loop): run the
-        # EXCEPTION_RAISED handlers once, and always re-raise.
-        if not getattr(e, "_engine_kit_handled", False):
+        if getattr(e, "_engine_kit_handled", False):
+            raise e  # the epoch loop handled it already; it is now leaving the run loop
+        try:
+            e._engine_kit_handled = True  # type: ignore[attr-defined]
+        except AttributeError:  # exceptions with __slots__ cannot be tagged
+            pass
+        entries = list(self._event_handlers.get(Events.EXCEPTION_RAISED, ()))
+        handled = False
+        for func, args, kwargs in entries:
+            user = _user_handler(func)
+            handled = handled or not getattr(user, "_engine_kit_cleanup", False)
+            engine = args[0]() if args and isinstance(args[0], weakref.ref) else None
+            call_args = ((engine,) if engine is not None else ()) + (e,) + tuple(args[1 if engine else 0 :])
             try:
-                e._engine_kit_handled = True  # type: ignore[attr-defined]
-            except AttributeError:  # exceptions with __slots__ cannot be tagged
-                pass
-            super()._handle_exception(e)  # raises e itself when no EXCEPTION_RAISED handler exists
-        raise e
+                func(*call_args, **kwargs)
+            except BaseException as failure:  # noqa: BLE001 - any failure here is reported on `e`
+                if failure is e:
+                    raise  # the handler re-raised the error it was given: not a handler failure
+                if isinstance(e, Exception) and not isinstance(failure, Exception):
+                    raise  # a KeyboardInterrupt/SystemExit while cleaning up must still stop the process
+                e.add_note(
+                    f"While handling it, the EXCEPTION_RAISED handler {describe_handler(user)} failed: "
+                    f"{type(failure).__name__}: {failure}"
+                )
+        if not handled:
+            raise e
+
+
+def _handler_error(func: Callable, event_name: Any, err: Exception) -> HandlerError:
+    name = describe_handler(_user_handler(func))
+    event = getattr(event_name, "name", str(event_name))
+    return HandlerError(
+        f"handler {name} failed on event {event}: {type(err).__name__}: {err}",
+        handler_name=name,
+        event=event,
+    )

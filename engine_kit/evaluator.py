@@ -9,9 +9,32 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
 from engine_kit.batch import PrepareBatch, default_prepare_batch
-from engine_kit.engine import GuardedEngine
+from engine_kit.checks import check_bool, check_callable
+from engine_kit.engine import GuardedEngine, cleanup_handler
 from engine_kit.errors import fix_message
 from engine_kit.precision import resolve_device, resolve_precision
+
+
+def _check_metrics(metrics: Any) -> None:
+    if metrics is None:
+        return
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            fix_message(
+                f"metrics is a {type(metrics).__name__}, not a mapping.",
+                "pass metrics={'accuracy': ignite.metrics.Accuracy()}.",
+            )
+        )
+    for name, metric in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(fix_message(f"metric name {name!r} is not a non-empty string.", "name each metric."))
+        if not isinstance(metric, Metric):
+            raise TypeError(
+                fix_message(
+                    f"metrics[{name!r}] is a {type(metric).__name__}, not an ignite Metric.",
+                    "pass ignite.metrics objects, e.g. Accuracy() or Loss(loss_fn).",
+                )
+            )
 
 
 def create_evaluator(
@@ -38,6 +61,9 @@ def create_evaluator(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(fix_message(f"model is a {type(model).__name__}.", "pass a torch.nn.Module."))
+    _check_metrics(metrics)
+    check_callable("prepare_batch", prepare_batch, "prepare_batch(batch, device, non_blocking) -> (x, y), or None")
+    check_bool("non_blocking", non_blocking)
     resolved_device = resolve_device(device)
     resolved_precision = resolve_precision(precision, resolved_device)
     prepare = prepare_batch or default_prepare_batch
@@ -57,6 +83,7 @@ def create_evaluator(
         modes.append(model.training)
         model.eval()
 
+    @cleanup_handler  # restores the mode on failure too, without swallowing the error
     def restore_mode(*_: Any) -> None:
         if modes:
             model.train(modes.pop())

@@ -14,6 +14,10 @@ class StepEvents(EventEnum):
 
         for epoch in epochs:                       # Events.EPOCH_STARTED (model.train())
             for batch in loader:                   # Events.ITERATION_STARTED
+                if the batch opens a window:
+                    # >>> STEP_STARTED             (before the window's first forward: ignite's
+                    #                               ParamSchedulers attach here; not fired again when
+                    #                               the window retries a step GradScaler skipped)
                 with autocast:                     # no-op context in fp32
                     loss = loss_fn(model(x), y)
                 scaler.scale(loss * n / N).backward()   # n: samples of batch, N: of window
@@ -31,9 +35,16 @@ class StepEvents(EventEnum):
                                                    # Events.EPOCH_COMPLETED (validation, checkpoints)
                     # >>> CHECKPOINT_SAVED         (fired by CheckpointRotation once a file is durable)
 
+    A run that ends inside a window (``terminate()``, ``max_iters``, the loader
+    running dry) steps the partial window before ``Events.TERMINATE`` /
+    ``EPOCH_COMPLETED`` handlers run, exactly as a ragged epoch tail; an
+    exception discards it (gradients zeroed, no step). Either way the next
+    ``run()`` starts from a closed window with no gradients.
+
     Filters work as on any ignite event; the counter each event's ``every=``
     filter uses is the matching ``engine.state`` attribute
-    (``BACKWARD_COMPLETED`` → ``iteration``, ``GRADIENTS_READY`` → ``windows``,
+    (``STEP_STARTED`` → ``steps_started``, the 1-based number of the step
+    being started, ``BACKWARD_COMPLETED`` → ``iteration``, ``GRADIENTS_READY`` → ``windows``,
     ``OPTIMIZER_STEP_COMPLETED`` → ``optimizer_steps``,
     ``OPTIMIZER_STEP_SKIPPED`` → ``skipped_steps``,
     ``CHECKPOINT_SAVED`` → ``checkpoints_saved``).
@@ -42,6 +53,7 @@ class StepEvents(EventEnum):
     'optimizer_step_completed'
     """
 
+    STEP_STARTED = "step_started"
     BACKWARD_COMPLETED = "backward_completed"
     GRADIENTS_READY = "gradients_ready"
     OPTIMIZER_STEP_COMPLETED = "optimizer_step_completed"
@@ -51,6 +63,7 @@ class StepEvents(EventEnum):
 
 # Which engine.state counter each event's `every=`/`once=` filter reads.
 EVENT_COUNTERS: dict[StepEvents, str] = {
+    StepEvents.STEP_STARTED: "steps_started",
     StepEvents.BACKWARD_COMPLETED: "iteration",
     StepEvents.GRADIENTS_READY: "windows",
     StepEvents.OPTIMIZER_STEP_COMPLETED: "optimizer_steps",

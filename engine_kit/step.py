@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+import math
+from typing import Any, Callable, ContextManager
 
 import ignite.distributed as idist
 import torch
@@ -41,6 +42,25 @@ def _check_loss(loss: Any) -> None:
                 "compute the loss from the model's output inside loss_fn, with gradients enabled.",
             )
         )
+
+
+def _gradient_sync_control(model: torch.nn.Module) -> Callable[[bool], ContextManager]:
+    """``control(sync)``: a context in which backward reduces gradients across ranks only if ``sync``.
+
+    DDP has ``no_sync()``; FSDP2 (``fully_shard``) modules have
+    ``set_requires_gradient_sync``; anything else always syncs (a no-op context).
+    """
+    if isinstance(model, DistributedDataParallel):
+        return lambda sync: contextlib.nullcontext() if sync else model.no_sync()
+    if callable(getattr(model, "set_requires_gradient_sync", None)):
+
+        @contextlib.contextmanager
+        def fsdp_sync(sync: bool) -> Any:
+            model.set_requires_gradient_sync(sync)
+            yield
+
+        return fsdp_sync
+    return lambda sync: contextlib.nullcontext()
 
 
 class TrainStep:
@@ -86,7 +106,10 @@ class TrainStep:
         self.track_grad_norm = track_grad_norm
         self.scaler = precision.make_scaler()
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._ddp = isinstance(model, DistributedDataParallel)
+        # Every data-parallel wrapper (DDP, FSDP2, ...) averages gradients over ranks,
+        # so every rank must weight in the same unit: sample counts are all-reduced.
+        self._sync_counts = idist.get_world_size() > 1
+        self._gradient_sync = _gradient_sync_control(model)
         self._window_length = 0
         self._window_total = 0.0
         self._window_samples: int | torch.Tensor = 0
@@ -98,10 +121,9 @@ class TrainStep:
         if state.window_position == 0:
             self._open_window(engine, num_samples)
         closes_window = state.window_position + 1 >= self._window_length
-        # DDP all-reduces on every backward unless told not to: only the last
-        # micro-batch of a window needs synchronized gradients.
-        sync = contextlib.nullcontext() if closes_window or not self._ddp else self.model.no_sync()
-        with sync:
+        # Data-parallel wrappers reduce gradients on every backward unless told not
+        # to: only the last micro-batch of a window needs synchronized gradients.
+        with self._gradient_sync(closes_window):
             with self.precision.autocast():
                 loss = self.loss_fn(self.model(x), y)
             _check_loss(loss)
@@ -125,14 +147,19 @@ class TrainStep:
         self._window_length = self._planned_length(engine)
         self._window_total = self._window_length * state.sample_reference
         self._window_samples = 0
+        # A window retrying a step that GradScaler skipped starts no new step:
+        # schedulers on STEP_STARTED hold their value for it.
+        if state.steps_started == state.optimizer_steps:
+            state.steps_started += 1
+            fire_if_handled(engine, StepEvents.STEP_STARTED)
 
     def _reference_count(self, num_samples: int | torch.Tensor) -> float:
         # Read once per run (a single host sync if batch_size_fn returns a tensor).
         reference = float(num_samples)
-        if self._ddp:
+        if self._sync_counts:
             # Every rank must weight in the same unit for the DDP average to be a mean.
             reference = float(idist.all_reduce(reference)) / idist.get_world_size()
-        if reference <= 0:
+        if not 0 < reference < math.inf:
             raise ValueError(
                 fix_message(
                     f"batch_size_fn counted {reference} samples in the first batch.",
@@ -151,7 +178,7 @@ class TrainStep:
 
     def _correction(self) -> float | torch.Tensor | None:
         total = self._window_samples
-        if self._ddp:
+        if self._sync_counts:
             total = torch.as_tensor(total, dtype=torch.float32, device=self.device)
             total = idist.all_reduce(total.clone()) / idist.get_world_size()
         if isinstance(total, torch.Tensor):
@@ -159,6 +186,16 @@ class TrainStep:
         if total == self._window_total:
             return None
         return self._window_total / total
+
+    def discard_window(self, engine: Engine) -> None:
+        """Drop the open window's gradients without stepping (after an error, or stale ones before a run).
+
+        As after a step GradScaler skipped, the step the window had started is
+        retried by the next window, which fires no new ``STEP_STARTED``.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        engine.state.window_position = 0
+        self._window_samples = 0
 
     def close_window(self, engine: Engine, output: StepOutput) -> StepOutput:
         """Unscale, reweight, clip, step and reset the gradients of the open window."""

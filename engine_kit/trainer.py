@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Any, Callable
@@ -10,12 +11,13 @@ import torch
 from ignite.engine import Engine, Events
 
 from engine_kit.batch import BatchSizeFn, PrepareBatch, default_batch_size, default_prepare_batch
-from engine_kit.engine import GuardedEngine
+from engine_kit.checks import check_bool, check_callable
 from engine_kit.errors import fix_message
 from engine_kit.events import EVENT_COUNTERS, StepEvents
 from engine_kit.precision import resolve_device, resolve_precision
 from engine_kit.state import init_trainer_state
 from engine_kit.step import TrainStep
+from engine_kit.trainer_engine import TrainerEngine
 
 
 def _check_accumulation(accumulation_steps: Any) -> int:
@@ -51,6 +53,13 @@ def _check_max_grad_norm(max_grad_norm: Any) -> float | None:
             fix_message(
                 f"max_grad_norm={max_grad_norm} is not positive.",
                 "pass a positive float such as 1.0, or None to disable clipping.",
+            )
+        )
+    if max_grad_norm == math.inf:
+        raise ValueError(
+            fix_message(
+                "max_grad_norm=inf would clip nothing while looking like clipping.",
+                "pass max_grad_norm=None (no clipping) and track_grad_norm=True to still log the norm.",
             )
         )
     return float(max_grad_norm)
@@ -110,10 +119,18 @@ def _on_epoch_started(engine: Engine, model: torch.nn.Module) -> None:
 
 
 def _flush_pending_window(engine: Engine, step: TrainStep) -> None:
-    # A loader without a length reveals its last batch only by running dry:
-    # the short window it left open is stepped here, before any other epoch-end handler.
+    # A run or epoch that ends inside a window (terminate(), max_iters, a loader
+    # without a length running dry) steps it here, before any other handler of
+    # the event, exactly as a ragged epoch tail.
     if engine.state.window_position > 0:
         engine.state.output = step.close_window(engine, engine.state.output)
+
+
+def _start_clean(engine: Engine, step: TrainStep) -> None:
+    # Gradients left on the parameters by anything before this run would leak
+    # into its first window.
+    if engine.state.window_position > 0 or any(p.grad is not None for p in step._params):
+        step.discard_window(engine)
 
 
 def create_trainer(
@@ -149,8 +166,10 @@ def create_trainer(
             switch it on when attached.
 
     Returns:
-        An ignite ``Engine`` with ``StepEvents`` registered and ``state.optimizer_steps``,
-        ``state.skipped_steps``, ``state.scaler`` and ``state.window_position``.
+        An ignite ``Engine`` (a ``TrainerEngine``) with ``StepEvents`` registered and
+        ``state.optimizer_steps``, ``state.skipped_steps``, ``state.scaler`` and
+        ``state.window_position``. A run that ends inside a window steps the
+        partial window (see ``StepEvents``); an error discards it.
 
     >>> model = torch.nn.Linear(2, 1)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -162,10 +181,9 @@ def create_trainer(
     resolved_device = resolve_device(device)
     resolved_precision = resolve_precision(precision, resolved_device)
     _check_model_and_optimizer(model, optimizer, resolved_device)
-    if not callable(loss_fn):
-        raise TypeError(
-            fix_message(f"loss_fn is a {type(loss_fn).__name__}.", "pass a callable loss_fn(y_pred, y).")
-        )
+    check_callable("loss_fn", loss_fn, "a callable loss_fn(y_pred, y) returning a scalar tensor", optional=False)
+    check_callable("prepare_batch", prepare_batch, "prepare_batch(batch, device, non_blocking) -> (x, y), or None")
+    check_callable("batch_size_fn", batch_size_fn, "batch_size_fn(x, y) -> number of samples, or None")
     step = TrainStep(
         model,
         optimizer,
@@ -175,16 +193,18 @@ def create_trainer(
         accumulation_steps=_check_accumulation(accumulation_steps),
         max_grad_norm=_check_max_grad_norm(max_grad_norm),
         prepare_batch=prepare_batch or default_prepare_batch,
-        non_blocking=non_blocking,
+        non_blocking=check_bool("non_blocking", non_blocking),
         batch_size_fn=batch_size_fn or default_batch_size,
-        track_grad_norm=bool(track_grad_norm),
+        track_grad_norm=check_bool("track_grad_norm", track_grad_norm),
     )
-    trainer = GuardedEngine(step)
+    trainer = TrainerEngine(step)
     trainer.register_events(*StepEvents, event_to_attr=EVENT_COUNTERS)
     init_trainer_state(trainer, step.scaler)
     trainer.state.precision = resolved_precision.name
+    trainer.add_event_handler(Events.STARTED, _start_clean, step)
     trainer.add_event_handler(Events.EPOCH_STARTED, _on_epoch_started, model)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, _flush_pending_window, step)
+    for end in (Events.EPOCH_COMPLETED, Events.TERMINATE_SINGLE_EPOCH, Events.TERMINATE, Events.COMPLETED):
+        trainer.add_event_handler(end, _flush_pending_window, step)
     # Kept for handlers that need the objects the step drives (schedulers, checkpoints).
     trainer.step = step
     return trainer

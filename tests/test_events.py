@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ignite.engine import EventEnum, Events
 
 from engine_kit import HandlerError, StepEvents, create_trainer
+from engine_kit.engine import cleanup_handler
 from tests.helpers import mlp, regression_batches
 
 
@@ -97,14 +98,26 @@ def test_handler_error_names_handler_and_event():
     assert isinstance(info.value.__cause__, KeyError)
 
 
-def test_exception_raised_handlers_do_not_swallow_errors():
+def test_cleanup_exception_handlers_do_not_swallow_errors():
     _, trainer = make_trainer()
     cleaned = []
-    trainer.add_event_handler(Events.EXCEPTION_RAISED, lambda e, err: cleaned.append(type(err).__name__))
+    trainer.add_event_handler(
+        Events.EXCEPTION_RAISED, cleanup_handler(lambda e, err: cleaned.append(type(err).__name__))
+    )
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda: 1 / 0)
     with pytest.raises(HandlerError, match="ZeroDivisionError"):
         trainer.run(regression_batches(8, 4), max_epochs=1)
     assert cleaned == ["HandlerError"]
+
+
+def test_user_exception_handler_decides_as_in_ignite():
+    # ignite: an EXCEPTION_RAISED handler that returns ends the error's course.
+    _, trainer = make_trainer()
+    seen = []
+    trainer.add_event_handler(Events.EXCEPTION_RAISED, lambda e, err: seen.append(type(err.__cause__).__name__))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda: 1 / 0)
+    trainer.run(regression_batches(8, 4), max_epochs=1)
+    assert seen == ["ZeroDivisionError"]
 
 
 def test_has_and_remove_event_handler_still_work():
