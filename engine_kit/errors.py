@@ -40,8 +40,24 @@ class CheckpointCorruptError(CheckpointError):
     """A checkpoint file is truncated, empty, altered or not a checkpoint."""
 
 
+class CheckpointExistsError(CheckpointWriteError):
+    """Something already sits at a checkpoint's name; committed names are never reused or replaced."""
+
+
+class NotARegularFileError(CheckpointCorruptError):
+    """A checkpoint, registry or lock path is a FIFO, device, directory or socket, not a file."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the live objects; nothing was applied."""
+
+
+class CheckpointDirectoryNotEmptyError(CheckpointError):
+    """A fresh run was pointed at a directory holding an earlier run's checkpoints; nothing was changed."""
+
+
+class RunDirectoryError(OSError):
+    """A run directory cannot be used (not a directory, not writable, path too long); nothing was written."""
 
 
 class RankAgreementError(RuntimeError):

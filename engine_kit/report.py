@@ -52,7 +52,9 @@ def summarize(steps: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any
     rates = [row["samples_per_s"] for row in stepped if row.get("samples_per_s")]
     history = run.get("val_history", [])
     metric = run.get("metric", "accuracy")
-    final_metric = history[-1].get(metric) if history else None
+    # Only a validation of the final parameters counts as "final": never one from an earlier step.
+    final_step = run.get("optimizer_steps")
+    final_metric = next((h.get(metric) for h in reversed(history) if h.get("optimizer_steps") == final_step), None)
     return {
         "dataset": run.get("dataset"),
         "device": run.get("device"),
@@ -131,7 +133,9 @@ def plot_curves(steps: list[dict[str, Any]], run: dict[str, Any], path: Path) ->
     plt.close(fig)
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, missing: str = "None") -> str:
+    if value is None:
+        return missing
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -143,7 +147,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"- dataset: {summary['dataset']}, device: {summary['device']}, precision: {summary['precision']}",
         f"- best checkpoint: `{best.get('name')}` (step {best.get('step')}, "
         f"{summary['metric']} {_fmt(best.get('metric'))})",
-        f"- final {summary['metric']}: {_fmt(summary['final_metric'])} (best {_fmt(summary['best_metric'])})",
+        f"- final {summary['metric']}: {_fmt(summary['final_metric'], 'not measured at the final step')} "
+        f"(best {_fmt(summary['best_metric'])})",
         f"- optimizer steps: {summary['optimizer_steps']}, skipped (fp16 overflow): {summary['skipped_steps']}",
         f"- steps clipped at {summary['max_grad_norm']}: {summary['clipped_fraction']:.1%}",
         f"- throughput: {summary['samples_per_s']} samples/s (median over steps)",

@@ -9,6 +9,13 @@ automatic resume. Offline it trains on scikit-learn's bundled digits and says so
     python examples/fashion_mnist.py --run-dir runs/q --quick            # about a minute
     python examples/fashion_mnist.py --run-dir runs/c --crash-at-step 20 # dies at step 20...
     python examples/fashion_mnist.py --run-dir runs/c --crash-at-step 20 # ...and resumes
+    python examples/fashion_mnist.py --run-dir runs/c --epochs 8         # extends the finished run
+
+SIGTERM or SIGINT (Ctrl-C) finishes the accumulation window, saves a checkpoint
+and exits with status 75; running the same command again resumes from it.
+Changing --epochs on a resumed run rebuilds the OneCycle schedule for the new
+length from the current step on (and says so); fewer epochs than the run has
+already done is refused.
 
 Artifacts in --run-dir: steps.jsonl (+ steps.csv), tb/ (TensorBoard),
 checkpoints/, grad_norm_hist.png, curves.png, summary.md, summary.json, run.json.
@@ -22,6 +29,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +40,9 @@ from ignite.metrics import Accuracy, Loss
 
 from engine_kit import create_evaluator, create_trainer
 from engine_kit.data_order import ResumableLoader
+from engine_kit.errors import CheckpointMismatchError, HandlerError, RunDirectoryError
 from engine_kit.report import write_report
+from engine_kit.run_directory import prepare_run_directory
 from engine_kit.stateful import register_stateful
 from handlers import (
     CheckpointRotation,
@@ -45,10 +55,13 @@ from handlers import (
     optimizer_steps_per_epoch,
     to_csv,
 )
+from handlers.preemption import PREEMPTED_EXIT_STATUS, Preemption
 
 PHYSICAL_BATCH = 32
 ACCUMULATION = 4
 MAX_GRAD_NORM = 1.0
+LEARNING_RATE = 1e-3
+MAX_LR = 3e-3
 
 
 # -- data -------------------------------------------------------------------
@@ -132,6 +145,34 @@ def params_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def make_one_cycle(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The lab's schedule: warm up to MAX_LR over 30% of the steps, then cosine down."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=MAX_LR, total_steps=total_steps, pct_start=0.3)
+
+
+def rebuild_one_cycle(scheduler: torch.optim.lr_scheduler.OneCycleLR, total_steps: int) -> None:
+    """Re-plan a restored OneCycle schedule for ``total_steps``, continuing from its current step.
+
+    The phases (warm-up, annealing) are recomputed for the new length with the
+    same max_lr, pct_start and annealing; the learning rate of the next step is
+    the new schedule's at the current position.
+    """
+    # The phases of the new length, from a schedule built the same way on a stand-in optimizer.
+    stand_in = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=LEARNING_RATE)
+    template = make_one_cycle(stand_in, total_steps)
+    state = scheduler.state_dict()
+    state["total_steps"], state["_schedule_phases"] = total_steps, template.state_dict()["_schedule_phases"]
+    scheduler.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_lr outside step() warns; here it is the point
+        lrs = scheduler.get_lr()  # also sets the cycled momentum for the next step
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    state = scheduler.state_dict()
+    state["_last_lr"] = lrs
+    scheduler.load_state_dict(state)
+
+
 class RunFacts:
     """Facts that must survive a crash (saved in every checkpoint): resumes so far."""
 
@@ -165,7 +206,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     run_dir: Path = args.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for path in (run_dir, run_dir / "checkpoints", run_dir / "tb"):
+            prepare_run_directory(path)
+    except RunDirectoryError as err:
+        raise SystemExit(f"lab: {err}") from None
     epochs = args.epochs or (2 if args.quick else 5)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.manual_seed(args.seed)
@@ -183,11 +228,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, shuffle=False)
 
     model = make_model().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     trainer = create_trainer(model, optimizer, F.cross_entropy, device=device, precision=args.precision,
                              accumulation_steps=ACCUMULATION, max_grad_norm=MAX_GRAD_NORM)
     steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), ACCUMULATION)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps_per_epoch * epochs)
+    scheduler = make_one_cycle(optimizer, steps_per_epoch * epochs)
     attach_scheduler(trainer, scheduler)
     evaluator = create_evaluator(model, metrics={"accuracy": Accuracy(), "loss": Loss(F.cross_entropy)},
                                  device=device, precision=args.precision)
@@ -206,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rotation = CheckpointRotation(run_dir / "checkpoints", every_steps=every, keep_last=2, keep_best=1,
                                   metric="accuracy", mode="max", resume="auto")
     rotation.attach(trainer)
+    Preemption(rotation).attach(trainer)  # SIGTERM/SIGINT: finish the window, save, stop
 
     crash_marker = run_dir / ".crashed"
 
@@ -216,6 +262,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if state.resumed_from and finished:
             print(f"run already complete at optimizer step {state.optimizer_steps}; regenerating the report")
         elif state.resumed_from:
+            saved_epochs = getattr(state, "checkpoint_max_epochs", None)
+            if scheduler.total_steps != steps_per_epoch * epochs:
+                rebuild_one_cycle(scheduler, steps_per_epoch * epochs)
+                print(f"run length changed from {saved_epochs} to {epochs} epochs: the OneCycle schedule is rebuilt "
+                      f"for {steps_per_epoch * epochs} steps, continuing at step {state.optimizer_steps}")
             crashed_after = int(crash_marker.read_text()) if crash_marker.exists() else engine.state.optimizer_steps
             facts.resumes.append({"from": os.path.basename(engine.state.resumed_from),
                                   "step": engine.state.optimizer_steps, "crashed_after_step": crashed_after})
@@ -240,8 +291,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"precision {trainer.state.precision}, {steps_per_epoch} optimizer steps per epoch, "
           f"checkpoint every {every} steps")
     started = time.time()
-    trainer.run(train_loader, max_epochs=epochs)
-    tensorboard.close()
+    try:
+        trainer.run(train_loader, max_epochs=epochs)
+    except HandlerError as err:
+        if isinstance(err.__cause__, CheckpointMismatchError):
+            raise SystemExit(f"lab: cannot continue the run in {run_dir}: {err.__cause__}") from None
+        raise
+    finally:
+        tensorboard.close()
+    if trainer.state.preempted:
+        print(f"{trainer.state.stopped_by}; checkpoint {getattr(trainer.state, 'last_checkpoint', None)}. Run the same command "
+              f"again to resume. Exit status {PREEMPTED_EXIT_STATUS}.", flush=True)
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
     best = rotation.best()
     run = {
@@ -265,7 +326,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     to_csv(run_dir / "steps.jsonl", run_dir / "steps.csv")
     summary = write_report(run_dir)
-    print(f"done: best {summary['metric']} {summary['best_metric']:.4f}, final {summary['final_metric']:.4f}, "
+    final = summary["final_metric"]
+    final_text = f"{final:.4f}" if final is not None else "not measured at the final step"
+    print(f"done: best {summary['metric']} {summary['best_metric']:.4f}, final {final_text}, "
           f"{summary['clipped_fraction']:.0%} of steps clipped; see {run_dir}/summary.md")
     return summary
 

@@ -3,20 +3,40 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from engine_kit.checkpoint import CheckpointDirectory, load_checkpoint_file
-from engine_kit.errors import fix_message
+from engine_kit.distributed import add_rank_states, agree, check_shared_directory, decide, gather_rank_states, is_multiprocess
+from engine_kit.distributed.resume import resume_every_rank
+from engine_kit.errors import CheckpointDirectoryNotEmptyError, fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful, save_refusal
 from engine_kit.training_state import capture_training_state, restore_training_state
 from handlers.base import Handler
 from handlers.events import register_validation_events
 from handlers.rotation_policy import Kept, RotationPolicy
+
+
+def _refuse_foreign_checkpoints(directory: CheckpointDirectory) -> None:
+    existing = directory.entries()
+    if existing:
+        newest = max(existing, key=lambda e: e.step)
+        problem = (
+            f"resume=None starts a fresh run, but {directory.path!r} already holds {len(existing)} checkpoint(s) "
+            f"of an earlier run (newest {newest.name!r}, step {newest.step}); a fresh run there would mix them "
+            "into its rotation. Nothing was changed."
+        )
+        raise CheckpointDirectoryNotEmptyError(
+            fix_message(problem, "pass resume='auto' to continue that run, point the new run at another directory, "
+                        "or move those files away first.")
+        )
 
 
 def _check_every(every_steps: Any) -> int | None:
@@ -51,9 +71,20 @@ class CheckpointRotation(Handler):
         keep_best: how many of the best checkpoints (by ``metric``) to keep.
         metric: key of ``trainer.state.val_metrics`` that ranks checkpoints.
         mode: "max" (accuracy) or "min" (loss).
-        resume: None (start fresh), "auto" (newest checkpoint that verifies,
-            falling back past corrupt ones with a warning) or a file path.
-        strict: refuse to resume an fp16 run from a checkpoint without scaler state.
+        resume: None (start fresh: refused when the directory already holds
+            checkpoints, which are never overwritten), "auto" (newest checkpoint
+            that verifies, falling back past corrupt ones with a warning) or the
+            path of a checkpoint file. Resuming from a file older than the
+            directory's newest branches the run: the newer checkpoints are moved,
+            never deleted, into a ``branched-from-step...`` subfolder.
+        strict: refuse a resume that would not continue the run exactly
+            (precision, accumulation, data order, schedulers ...: see
+            ``engine_kit.resume_checks``); ``False`` accepts it and warns
+            listing every difference.
+
+    Every run has a ``run_id`` (kept in its checkpoints, so a resumed run keeps
+    it) and names its files with ``CheckpointDirectory.next_name``: names are
+    never reused, not even after the directory's index was lost.
 
     >>> import tempfile
     >>> rotation = CheckpointRotation(tempfile.mkdtemp(), every_steps=10, keep_last=2)
@@ -61,7 +92,7 @@ class CheckpointRotation(Handler):
     2
     """
 
-    state_keys = ("validations_seen", "last_saved_step")
+    state_keys = ("validations_seen", "last_saved_step", "run_id")
 
     def __init__(
         self,
@@ -91,6 +122,9 @@ class CheckpointRotation(Handler):
         self.writer = idist.get_rank() == 0
         # Opened now so that an unwritable directory fails at construction, not hours later.
         self.directory: CheckpointDirectory | None = CheckpointDirectory(self.dirname) if self.writer else None
+        if resume is None and self.directory is not None:
+            _refuse_foreign_checkpoints(self.directory)
+        self.run_id = uuid.uuid4().hex[:16]  # a resumed run takes its checkpoint's id instead
         self.validations_seen = 0
         self.last_saved_step = -1
         self._due = False
@@ -102,11 +136,14 @@ class CheckpointRotation(Handler):
         register_stateful(trainer, "checkpoint_rotation", self)
         register_validation_events(trainer)
         trainer.state.resumed_from = None
+        # Multi-process: syncs with rank 0 (which created the directory) and refuses node-local directories.
+        trainer.add_event_handler(Events.STARTED, lambda: check_shared_directory(self.dirname))
         if self.resume is not None:
             trainer.add_event_handler(Events.STARTED, self._resume)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
-        trainer.add_event_handler(Events.COMPLETED, lambda: self.close())
+        # Every rank waits here, so none exits while rank 0 still writes (and a failure reaches all).
+        trainer.add_event_handler(Events.COMPLETED, lambda: agree("finish the run", self.close))
 
     def close(self) -> None:
         """Release the directory lock (a later save reopens it)."""
@@ -147,35 +184,57 @@ class CheckpointRotation(Handler):
 
     def _best_pending(self, engine: Engine) -> bool:
         metric = self._new_metric(engine)
-        if metric is None or not self.writer:
+        if metric is None:
             return False
-        kept = [Kept(e.name, e.step, e.metric) for e in self._open().entries()]
-        return self.policy.would_keep(kept, metric)
+        # Only rank 0 reads the directory, and every rank must take the same save decision.
+        return decide("rank the new metric", lambda: self.policy.would_keep([Kept(e.name, e.step, e.metric) for e in self._open().entries()], metric))
 
     # -- saving ------------------------------------------------------------
-    def _save(self, engine: Engine) -> None:
+    def save_now(self, engine: Engine, reason: str) -> bool:
+        """Save at this window boundary whatever ``every_steps`` says (a preemption's last checkpoint).
+
+        The save counts as one of the ``keep_last`` newest even with ``keep_last=0``,
+        so it survives until the resumed run's next save ranks it out. Returns
+        True when a checkpoint of this step exists afterwards.
+        """
+        if engine.state.window_position != 0:
+            problem = f"save_now({reason!r}) inside an accumulation window (position {engine.state.window_position})."
+            raise RuntimeError(fix_message(problem, "call it at a window boundary (window_position == 0)."))
+        if engine.state.optimizer_steps == self.last_saved_step:
+            return True  # this very step is already saved
+        return self._save(engine, keep_at_least_one=True)
+
+    def _save(self, engine: Engine, *, keep_at_least_one: bool = False) -> bool:
+        # Every rank hands rank 0 its own RNG and data state, and learns how the write went (a barrier).
+        rank_states = gather_rank_states(engine.state.dataloader)
+        write = lambda: self._write(engine, rank_states, keep_at_least_one)  # noqa: E731
+        return agree(f"save the checkpoint of step {engine.state.optimizer_steps}", write)
+
+    def _write(self, engine: Engine, rank_states: list[dict[str, Any]] | None, keep_at_least_one: bool) -> bool:
         state = engine.state
         metric = self._new_metric(engine)
         self.validations_seen = state.validations
         self.last_saved_step = state.optimizer_steps
         if not self.writer:
-            return
+            return True
         refusal = save_refusal(engine)
         if refusal:
             warnings.warn(f"CheckpointRotation: not saving at step {state.optimizer_steps}: {refusal}", stacklevel=2)
-            return
+            return False
         directory = self._open()
         kept = [Kept(e.name, e.step, e.metric) for e in directory.entries()]
-        name = f"step{state.optimizer_steps:08d}-{state.checkpoints_saved + 1:05d}.ekpt"
+        name = directory.next_name(state.optimizer_steps)  # never an existing or former name
         new = Kept(name, state.optimizer_steps, metric)
-        kept_after, dropped = self.policy.admit(kept, new)
+        policy = replace(self.policy, keep_last=max(1, self.policy.keep_last)) if keep_at_least_one else self.policy
+        kept_after, dropped = policy.admit(kept, new)
         if name in dropped:
-            return  # best-only rotation and this one is not among the best
+            return False  # best-only rotation and this one is not among the best
         state.checkpoints_saved += 1
         try:
-            payload = capture_training_state(engine, metric=metric)
+            payload = add_rank_states(capture_training_state(engine, metric=metric), rank_states)
             tags = next(k.tags for k in kept_after if k.name == name)
-            directory.commit(name, payload, step=state.optimizer_steps, epoch=state.epoch, tags=sorted(tags), metric=metric)
+            directory.commit(name, payload, step=state.optimizer_steps, epoch=state.epoch, tags=sorted(tags),
+                             metric=metric, run_id=self.run_id)
         except BaseException:
             state.checkpoints_saved -= 1
             raise
@@ -184,6 +243,7 @@ class CheckpointRotation(Handler):
             directory.remove(dropped)
         engine.state.last_checkpoint = os.path.join(self.dirname, name)
         engine.fire_event(StepEvents.CHECKPOINT_SAVED)
+        return True
 
     def best(self) -> dict[str, Any] | None:
         """The best kept checkpoint: {name, path, step, metric}, or None."""
@@ -196,6 +256,11 @@ class CheckpointRotation(Handler):
 
     # -- resuming ----------------------------------------------------------
     def _resume(self, engine: Engine) -> None:
+        if is_multiprocess():
+            path = resume_every_rank(engine, dirname=self.dirname, resume=self.resume, open_directory=self._open, strict=self.strict)
+            if path is not None:
+                self._resumed(engine, path)
+            return
         if self.resume == "auto":
             reader = self.directory or CheckpointDirectory(self.dirname, read_only=True)
             found = reader.load_newest_valid()
@@ -207,15 +272,37 @@ class CheckpointRotation(Handler):
             path = os.path.abspath(os.fspath(self.resume))
             payload = load_checkpoint_file(path)
         restore_training_state(engine, payload, strict=self.strict)
+        self._resumed(engine, path)
+
+    def _resumed(self, engine: Engine, path: str) -> None:
         self.resumed_from = path
         engine.state.resumed_from = path
-        self._forget_abandoned_future(engine)
+        if self.resume != "auto":
+            self._branch(engine, path)
 
-    def _forget_abandoned_future(self, engine: Engine) -> None:
-        """Drop checkpoints newer than the one resumed from: the resumed run re-creates them."""
+    def _branch(self, engine: Engine, path: str) -> None:
+        """Resuming from an explicit file: keep every newer checkpoint, out of this run's rotation.
+
+        They are moved into a ``branched-from-step<N>-<time>`` subfolder, never
+        deleted; the resumed run then saves and rotates as usual.
+        """
         if self.directory is None:
             return
-        newer = [e.name for e in self.directory.entries() if e.step > engine.state.optimizer_steps]
-        if newer:
-            warnings.warn(f"CheckpointRotation: resuming from step {engine.state.optimizer_steps}; removing newer checkpoints {newer}.", stacklevel=2)
-            self.directory.remove(newer)
+        step = engine.state.optimizer_steps
+        resumed = os.path.basename(path) if os.path.dirname(path) == self.dirname else None
+        newer = [e.name for e in self.directory.entries() if e.step > step and e.name != resumed]
+        if not newer:
+            return
+        set_aside = getattr(self.directory, "set_aside", None)
+        if set_aside is None:
+            warnings.warn(
+                f"CheckpointRotation: resumed from step {step}; the newer checkpoints {newer} stay in the directory "
+                "and the rotation ranks them with this run's.", stacklevel=2,
+            )
+            return
+        folder = f"branched-from-step{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
+        set_aside(newer, folder)
+        warnings.warn(
+            f"CheckpointRotation: resumed from step {step}, older than the newest checkpoint; the newer checkpoints "
+            f"{newer} were moved (not deleted) to {os.path.join(self.dirname, folder)!r}.", stacklevel=2,
+        )

@@ -5,7 +5,10 @@ data order, random augmentation (in DataLoader workers when --workers > 0),
 dropout, an LR scheduler and accumulation. ``--crash-at-iteration`` kills the
 process with ``os._exit`` (inside an accumulation window when the iteration is
 not a window's last); running again with ``--resume`` continues from the
-newest valid checkpoint. The result JSON holds the per-step losses and a hash
+newest valid checkpoint. ``--preemption`` attaches ``Preemption``;
+``--signal-at-iteration`` then sends the process a real SIGTERM after that
+iteration, and ``--signal-during-save`` sends it from inside the N-th checkpoint
+commit. A preempted run exits with ``PREEMPTED_EXIT_STATUS``. The result JSON holds the per-step losses and a hash
 of the final parameters and optimizer state.
 """
 
@@ -15,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -24,7 +28,9 @@ from ignite.engine import Events
 from engine_kit import StepEvents, create_trainer
 from engine_kit.data_order import ResumableLoader
 from engine_kit.stateful import register_stateful
+from engine_kit.checkpoint import CheckpointDirectory
 from handlers.checkpoint import CheckpointRotation
+from handlers.preemption import PREEMPTED_EXIT_STATUS, Preemption
 
 
 class Augmented(torch.utils.data.Dataset):
@@ -65,6 +71,19 @@ def tensor_digest(tensors) -> str:
     return digest.hexdigest()
 
 
+def signal_inside_commit(nth: int) -> None:
+    """Send this process SIGTERM in the middle of the ``nth`` checkpoint commit (before the file is written)."""
+    original, calls = CheckpointDirectory.commit, []
+
+    def commit(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == nth:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    CheckpointDirectory.commit = commit
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
@@ -76,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crash-at-iteration", type=int, default=None)
     parser.add_argument("--crash-after-epoch", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--preemption", action="store_true")
+    parser.add_argument("--signal-at-iteration", type=int, default=None)
+    parser.add_argument("--signal-during-save", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     args = parser.parse_args(argv)
@@ -95,11 +117,20 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda e: record.losses.append(e.state.output.loss.item()))
     rotation = CheckpointRotation(args.dir, every_steps=args.every_steps, keep_last=2, resume="auto" if args.resume else None)
     rotation.attach(trainer)
+    if args.preemption:
+        Preemption(rotation).attach(trainer)
+    if args.signal_at_iteration is not None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=args.signal_at_iteration),
+                                  lambda: os.kill(os.getpid(), signal.SIGTERM))
+    if args.signal_during_save is not None:
+        signal_inside_commit(args.signal_during_save)
     if args.crash_at_iteration is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=args.crash_at_iteration), lambda: os._exit(17))
     if args.crash_after_epoch is not None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED(once=args.crash_after_epoch), lambda: os._exit(17))
     trainer.run(loader, max_epochs=args.epochs)
+    if getattr(trainer.state, "preempted", None):
+        return PREEMPTED_EXIT_STATUS
     result = {
         "losses": record.losses,
         "params": tensor_digest(model.parameters()),
