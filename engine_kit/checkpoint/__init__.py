@@ -1,7 +1,9 @@
-"""Checkpoint storage: atomic files, integrity trailers, a registry, one writer.
+"""Checkpoint storage: self-describing atomic files, a rebuildable index, one writer.
 
-Plain files only; this package knows nothing about engines. See
-RELIABILITY.md for the write and read paths it implements.
+Plain files only; this package knows nothing about engines. Each ``.ekpt``
+file carries a SHA-256 trailer and its own record (step, epoch, metric,
+tags, creation order, run); ``registry.json`` is an index over the files
+that is rebuilt from them whenever it is missing, damaged or inconsistent.
 
 >>> from engine_kit.checkpoint import CheckpointDirectory, load_checkpoint_file
 """
@@ -11,11 +13,15 @@ from engine_kit.checkpoint.directory import CheckpointDirectory, RepairReport
 from engine_kit.checkpoint.fileformat import (
     CheckpointFileInfo,
     load_checkpoint_file,
+    read_record,
     save_checkpoint_file,
+    seal_archive_file,
     sha256_file,
     verify_checkpoint_file,
 )
 from engine_kit.checkpoint.lock import LOCK_NAME, DirectoryLock
+from engine_kit.checkpoint.record import CheckpointRecord
+from engine_kit.checkpoint.regular import open_regular
 from engine_kit.checkpoint.registry import (
     CHECKPOINT_SUFFIX,
     REGISTRY_NAME,
@@ -32,14 +38,18 @@ __all__ = [
     "TEMP_PREFIX",
     "CheckpointDirectory",
     "CheckpointFileInfo",
+    "CheckpointRecord",
     "DirectoryLock",
     "RegistryEntry",
     "RepairReport",
     "atomic_write",
     "fsync_directory",
     "load_checkpoint_file",
+    "open_regular",
+    "read_record",
     "read_registry",
     "save_checkpoint_file",
+    "seal_archive_file",
     "sha256_file",
     "sweep_stale_temps",
     "validate_name",

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
-from engine_kit.errors import CheckpointWriteError, fix_message
+from engine_kit.checkpoint.regular import describe_kind, lstat_kind
+from engine_kit.errors import CheckpointExistsError, CheckpointWriteError, fix_message
 
 TEMP_PREFIX = ".ek-tmp-"
 
@@ -88,6 +90,51 @@ def _refuse_symlink(path: str) -> None:
         )
 
 
+def _refuse_occupied(path: str, replace: bool) -> None:
+    """Raise when something we must not replace sits at ``path``.
+
+    A directory, FIFO or device is never replaced (and must not be reported
+    as a full disk); with ``replace=False`` nothing at all is.
+    """
+    mode = lstat_kind(path)
+    if mode is None:
+        return
+    if not replace:
+        raise CheckpointExistsError(
+            fix_message(
+                f"Refusing to write {path!r}: {describe_kind(mode)} already exists at that name, and engine_kit never replaces it.",
+                "choose a new name (CheckpointDirectory.next_name(step) gives one), or move that entry away.",
+            )
+        )
+    if not stat.S_ISREG(mode) and not stat.S_ISLNK(mode):
+        raise CheckpointWriteError(
+            fix_message(
+                f"Refusing to write {path!r}: it is {describe_kind(mode)}, not a regular file.",
+                "remove or rename it; engine_kit only ever writes regular files there.",
+            )
+        )
+
+
+def _move_into_place(tmp: str, final: str, replace: bool) -> None:
+    """``os.replace``, or with ``replace=False`` a hard link that fails if ``final`` appeared meanwhile."""
+    if replace:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise CheckpointExistsError(
+            fix_message(f"Refusing to write {final!r}: something appeared at that name during the write.", "choose a new name.")
+        ) from None
+    except OSError:
+        # No hard links on this filesystem: the check-then-rename is still
+        # safe against engine_kit writers, which hold the directory lock.
+        _refuse_occupied(final, replace=False)
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
+
+
 def _remove_quietly(path: str) -> None:
     """Best-effort removal of our temp file; the original error matters more."""
     try:
@@ -99,22 +146,27 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], Any]) -> None:
+def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], Any], *, replace: bool = True) -> None:
     """Write a file so that its final name never holds partial bytes.
 
     Args:
         path: the final file name; its directory must exist.
         write_fn: called with a binary file object open on the temp file; it
             writes the content and returns anything (ignored).
+        replace: whether an existing regular file at ``path`` is replaced
+            (the registry) or the write refused (a checkpoint: never overwritten).
 
     Raises:
+        CheckpointExistsError: ``replace=False`` and something is at ``path``.
         CheckpointWriteError: anything failed (ENOSPC, EIO, an exception in
-            ``write_fn``, a symlink at ``path``); the temp file is removed and
-            the final name is untouched. The cause is chained as ``__cause__``.
+            ``write_fn``, a symlink, directory or FIFO at ``path``); the temp
+            file is removed and the final name is untouched. The cause is
+            chained as ``__cause__``.
     """
     final = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(final)
     _refuse_symlink(final)
+    _refuse_occupied(final, replace)
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix())
     except OSError as exc:
@@ -129,11 +181,11 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], A
             write_fn(fileobj)
             fileobj.flush()
             os.fsync(fileobj.fileno())
-        os.replace(tmp, final)
+        _move_into_place(tmp, final, replace)
     except BaseException as exc:
         _remove_quietly(tmp)
-        if not isinstance(exc, Exception):
-            raise  # KeyboardInterrupt / SystemExit keep their meaning.
+        if not isinstance(exc, Exception) or isinstance(exc, CheckpointExistsError):
+            raise  # KeyboardInterrupt / SystemExit keep their meaning; "exists" is not a disk problem.
         raise CheckpointWriteError(
             fix_message(
                 f"Writing {final!r} failed: {exc!r}. The previous content of that name is untouched.",

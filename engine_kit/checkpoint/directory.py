@@ -1,31 +1,40 @@
 """A directory of committed checkpoints: commit, remove, verify, load, repair.
 
-Ordering is what keeps a crash harmless (RELIABILITY.md):
+The files are the truth and ``registry.json`` is an index over them
+(:mod:`engine_kit.checkpoint.index`): every file carries its own record, so
+a missing, damaged, edited or inconsistent registry is rebuilt from the
+files that verify, with one warning naming what was repaired — never a
+refusal, never a deletion.
+
+Ordering is what keeps a crash harmless:
 
 - :meth:`CheckpointDirectory.commit` writes the file atomically, *then*
-  registers it. A kill in between leaves an unregistered (orphan) file.
-- :meth:`CheckpointDirectory.remove` unregisters first, *then* unlinks. A kill
-  in between again leaves an orphan, never a registry entry for a missing
-  file, so rotation with keep-last = 1 always leaves a valid checkpoint.
+  indexes it. A kill in between leaves a complete file the index does not
+  list yet; the next open adopts it.
+- :meth:`CheckpointDirectory.remove` unindexes first (noting the names as
+  pending deletions), *then* unlinks. A kill in between leaves pending
+  files, deleted at the next open, never an entry for a missing file, so
+  rotation with keep-last = 1 always leaves a valid checkpoint.
 
-Committed files are immutable: committing a name already registered is
-refused, so the registry never points at bytes other than those it hashed.
-
-Orphans: a file :meth:`~CheckpointDirectory.remove` unregistered but did not
-get to unlink is recorded in the registry's ``pending_delete`` and deleted by
-:meth:`~CheckpointDirectory.repair`. Any other unregistered ``*.ekpt`` file is
-reported, never deleted: a user may have copied a checkpoint in, and a file
-from a crash mid-commit is overwritten when the run reaches that step again.
+A file that verifies is never overwritten or deleted, except by
+:meth:`~CheckpointDirectory.remove` of names the index holds (rotation):
+:meth:`~CheckpointDirectory.commit` refuses any name already present, and
+:meth:`~CheckpointDirectory.next_name` hands out names whose creation order
+is above every order in the index and on disk, so a rerun after the index
+was lost never reuses a name. A file the index does not list is adopted if
+it verifies (and belongs to ``run_id``, when given), else set aside: left in
+place and excluded.
 
 Deletion never follows symlinks: ``os.lstat`` decides, a symlink or any
-non-regular file at a registered name is left alone with a warning, and
+non-regular file at an indexed name is left alone with a warning, and
 ``os.unlink`` on a name removes at most that name.
 
 >>> import tempfile, torch
 >>> with CheckpointDirectory(tempfile.mkdtemp()) as ckpts:
-...     entry = ckpts.commit("step-000001.ekpt", {"w": torch.zeros(1)}, step=1, epoch=0)
-...     ckpts.newest_valid().name
-'step-000001.ekpt'
+...     name = ckpts.next_name(1)
+...     entry = ckpts.commit(name, {"w": torch.zeros(1)}, step=1, epoch=0)
+...     ckpts.newest_valid().name, ckpts.record(name).order
+('step00000001-00001.ekpt', 1)
 """
 
 from __future__ import annotations
@@ -40,54 +49,72 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from engine_kit.checkpoint.atomic import fsync_directory, sweep_stale_temps, temp_prefix
-from engine_kit.checkpoint.fileformat import load_checkpoint_file, save_checkpoint_file, verify_checkpoint_file
+from engine_kit.checkpoint.fileformat import load_verified, save_checkpoint_file, verify_checkpoint_file
+from engine_kit.checkpoint.index import IndexState, load_index
 from engine_kit.checkpoint.lock import DirectoryLock
-from engine_kit.checkpoint.registry import (
-    CHECKPOINT_SUFFIX,
-    RegistryEntry,
-    read_registry,
-    resolve_inside,
-    validate_name,
-    write_registry,
-)
-from engine_kit.errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError, fix_message
+from engine_kit.checkpoint.record import CheckpointRecord
+from engine_kit.checkpoint.registry import RegistryEntry, resolve_inside, validate_name, write_registry
+from engine_kit.errors import CheckpointCorruptError, CheckpointError, CheckpointExistsError, CheckpointWriteError, fix_message
 
 
 class RepairReport(NamedTuple):
-    """What :meth:`CheckpointDirectory.repair` found and did.
+    """What :meth:`CheckpointDirectory.repair` found and did (no checkpoint is ever deleted by it).
 
     Attributes:
-        missing: registered names whose file was gone (entries dropped, warned).
-        invalid: why each invalid registry entry was dropped (warned).
-        finished: unregistered files a crashed rotation had left; now deleted.
-        orphans: unregistered ``*.ekpt`` files left in place (warned).
+        missing: indexed names whose file was gone (entries dropped).
+        invalid: why each entry that disagreed with its file was dropped.
+        finished: files a crashed rotation had unindexed; now deleted.
+        orphans: files left in place but excluded from the index (set aside).
+        adopted: verified files the index did not list; now listed.
+        rebuilt_because: why registry.json itself was rebuilt (None: it was usable).
+        set_aside: why each newly set-aside file was excluded.
     """
 
     missing: list[str]
     invalid: list[str]
     finished: list[str]
     orphans: list[str]
+    adopted: list[str] = []
+    rebuilt_because: str | None = None
+    set_aside: dict[str, str] = {}
+
+
+def _check_count(key: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(fix_message(f"{key}={value!r} is not an integer >= 0.", f"pass the engine's {key} count."))
+    return value
 
 
 class CheckpointDirectory:
-    """The checkpoints of one run, stored as plain files plus ``registry.json``.
+    """The checkpoints of one run, stored as self-describing files plus an index, ``registry.json``.
 
     Args:
         path: the directory.
         create: create it (and parents) when missing.
-        read_only: inspect or resume only: no lock, no temp sweep, no repair,
-            and :meth:`commit`/:meth:`remove` are refused.
+        read_only: inspect or resume only: no lock, no temp sweep, nothing
+            written (a damaged index is rebuilt in memory), and
+            :meth:`commit`/:meth:`remove` are refused.
+        run_id: this run's identity; files the index does not list are
+            adopted only when their record carries it. ``None``: any run.
 
     Raises:
         CheckpointWriteError: (writable mode) the directory cannot be created
-            or written, or another writer holds its lock.
+            or written, another writer holds its lock, or a FIFO/directory
+            sits at ``registry.json``.
         FileNotFoundError: (read-only mode) the directory does not exist.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = True, read_only: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, create: bool = True, read_only: bool = False, run_id: str | None = None
+    ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.read_only = read_only
+        if run_id is not None and not isinstance(run_id, str):
+            raise TypeError(fix_message(f"run_id={run_id!r} is not a str.", "pass a string naming the run, or None."))
+        self.run_id = run_id
         self._lock: DirectoryLock | None = None
+        self._aside: dict[str, dict[str, Any]] = {}  # read-only mode: judged files, not persisted
+        self._warned: set[str] = set()
         if read_only:
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(fix_message(f"Checkpoint directory {self.path!r} does not exist.", "check the path."))
@@ -98,7 +125,7 @@ class CheckpointDirectory:
         try:
             # Only under the lock: a live writer's temp must never be swept.
             sweep_stale_temps(self.path)
-            self.repair()
+            self.repair(_stacklevel=4)
         except BaseException:
             self.close()
             raise
@@ -145,9 +172,56 @@ class CheckpointDirectory:
     def __repr__(self) -> str:
         return f"CheckpointDirectory({self.path!r}, read_only={self.read_only})"
 
+    # -- the index -------------------------------------------------------
+    def _index(self, *, full: bool = False, stacklevel: int = 3) -> IndexState:
+        """The reconciled index; persisted (writable) and warned about once when it changed."""
+        state = load_index(self.path, run_id=self.run_id, full=full, known_aside=self._aside)
+        if not state.changed:
+            return state
+        description = state.describe()
+        if self.read_only:
+            self._aside = state.set_aside
+        else:
+            self._write(state.entries, state.pending, state)
+        if description not in self._warned:
+            self._warned.add(description)
+            where = "in memory (read-only)" if self.read_only else "and saved"
+            warnings.warn(
+                f"engine_kit: rebuilt the checkpoint index of {self.path!r} {where}: {description}. No checkpoint file was deleted.",
+                stacklevel=stacklevel,
+            )
+        return state
+
+    def _write(self, entries: list[RegistryEntry], pending: list[str], state: IndexState, next_order: int | None = None) -> None:
+        write_registry(self.path, entries, pending, set_aside=state.set_aside, next_order=next_order or state.next_order)
+
     def entries(self) -> list[RegistryEntry]:
-        """The registered checkpoints, validated, sorted by step (oldest first)."""
-        return read_registry(self.path).entries
+        """The indexed checkpoints, sorted by step then creation order (oldest first).
+
+        Always answers: a damaged or inconsistent index is rebuilt from the
+        files (one warning naming what was repaired).
+        """
+        return self._index().entries
+
+    def next_name(self, step: int) -> str:
+        """A checkpoint name for ``step`` that no file in this directory has ever had.
+
+        ``step{step:08d}-{order:05d}.ekpt``, with ``order`` above every
+        creation order in the index, in any file's record and in any name on
+        disk, so a rerun after the index was lost never reuses a name.
+
+        Raises:
+            ValueError: ``step`` is not an integer >= 0.
+        """
+        _check_count("step", step)
+        state = self._index()
+        taken = {entry.name for entry in state.entries}
+        order = state.next_order
+        while True:
+            name = f"step{step:08d}-{order:05d}.ekpt"
+            if name not in taken and not os.path.lexists(os.path.join(self.path, name)):
+                return name
+            order += 1
 
     def commit(
         self,
@@ -158,30 +232,32 @@ class CheckpointDirectory:
         epoch: int,
         tags: Iterable[str] = (),
         metric: float | None = None,
+        run_id: str | None = None,
     ) -> RegistryEntry:
-        """Write ``payload`` to ``name`` atomically, then register it.
+        """Write ``payload`` and its record to the new file ``name`` atomically, then index it.
 
         Args:
-            name: a new plain file name ending in ``.ekpt``.
+            name: a name no file in the directory has (see :meth:`next_name`).
             payload: a dict of tensors, numbers, strings and containers.
             step: the training step it captures (>= 0).
             epoch: the epoch it captures (>= 0).
             tags: labels such as ``"last"``/``"best"``.
             metric: the score used for best-k ranking (NaN/inf allowed).
+            run_id: the identity of the writing run (default: the directory's ``run_id``).
 
         Returns:
-            The registry entry.
+            The index entry.
 
         Raises:
-            ValueError / TypeError: a bad name, step, epoch, tag or metric.
-            CheckpointWriteError: the name is already committed or a symlink,
-                or writing failed (the registry and older files are untouched).
+            ValueError / TypeError: a bad name, step, epoch, tag, metric or run_id.
+            CheckpointExistsError: something (a checkpoint, a directory, a
+                FIFO) already sits at ``name``; it is left untouched.
+            CheckpointWriteError: writing failed (the index and older files are untouched).
         """
         self._require_writable("commit")
         validate_name(name)
-        for key, value in (("step", step), ("epoch", epoch)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(fix_message(f"{key}={value!r} is not an integer >= 0.", f"pass the engine's {key} count."))
+        _check_count("step", step)
+        _check_count("epoch", epoch)
         tags = tuple(tags)
         if not all(isinstance(tag, str) for tag in tags):
             raise TypeError(fix_message(f"tags={tags!r} must all be str.", "pass e.g. tags=('last',)."))
@@ -190,84 +266,83 @@ class CheckpointDirectory:
                 metric = float(metric)
             except (TypeError, ValueError) as exc:
                 raise TypeError(fix_message(f"metric={metric!r} is not a number.", "pass a float (NaN/inf allowed) or None.")) from exc
-        entries, _, pending = read_registry(self.path)
-        if any(entry.name == name for entry in entries):
-            raise CheckpointWriteError(
+        run_id = self.run_id if run_id is None else run_id
+        if run_id is not None and not isinstance(run_id, str):
+            raise TypeError(fix_message(f"run_id={run_id!r} is not a str.", "pass a string naming the run, or None."))
+        state = self._index()
+        if any(entry.name == name for entry in state.entries):
+            raise CheckpointExistsError(
                 fix_message(
                     f"Checkpoint {name!r} is already committed in {self.path!r}; committed files are never overwritten.",
-                    "use a per-step name such as 'step-000100.ekpt', or remove([name]) first.",
+                    "take a fresh name from next_name(step).",
                 )
             )
-        path = os.path.join(self.path, name)
-        info = save_checkpoint_file(path, payload)
-        entry = RegistryEntry(name, info.sha256, info.size_bytes, step, epoch, tags, metric, time.time())
+        record = CheckpointRecord(name, step, epoch, state.next_order, tags, metric, run_id, time.time())
+        info = save_checkpoint_file(os.path.join(self.path, name), payload, record=record, replace=False)
+        entry = RegistryEntry(name, info.sha256, info.size_bytes, step, epoch, tags, metric, record.created, record.order, run_id)
         try:
-            write_registry(self.path, [*entries, entry], self._still_pending(pending))
+            self._write([*state.entries, entry], state.pending, state, record.order + 1)
         except CheckpointError:
-            # Unregistered, so it is ours alone to take back.
+            # Not indexed, so it is ours alone to take back.
             self._unlink_regular(name, quiet=True)
             raise
         return entry
 
     def remove(self, names: Iterable[str]) -> list[str]:
-        """Unregister ``names``, then delete their files.
+        """Unindex ``names``, then delete their files (rotation's only way to delete).
 
         Args:
-            names: registered checkpoint names (a single str is one name).
+            names: indexed checkpoint names (a single str is one name).
 
         Returns:
-            The names whose files were deleted.
+            The names whose files were deleted (only regular files inside the directory).
 
         Raises:
-            ValueError: a name is invalid or not registered (nothing changed).
+            ValueError: a name is invalid or not indexed (nothing changed).
         """
         self._require_writable("remove checkpoints")
         wanted = [names] if isinstance(names, str) else list(names)
         if not wanted:
             return []
-        entries, _, pending = read_registry(self.path)
-        registered = {entry.name for entry in entries}
+        state = self._index()
+        indexed = {entry.name for entry in state.entries}
         for name in wanted:
             validate_name(name)
-            if name not in registered:
+            if name not in indexed:
                 raise ValueError(fix_message(f"{name!r} is not a registered checkpoint in {self.path!r}.", "pass names from entries()."))
-        # Unregister first and note the names as pending, so a kill before the
-        # unlinks leaves files that repair() deletes, never a dangling entry.
-        keep = [entry for entry in entries if entry.name not in set(wanted)]
-        write_registry(self.path, keep, [*self._still_pending(pending), *wanted])
+        # Unindex first and note the names as pending, so a kill before the
+        # unlinks leaves files that the next open deletes, never a dangling entry.
+        keep = [entry for entry in state.entries if entry.name not in set(wanted)]
+        self._write(keep, [*state.pending, *wanted], state)
         removed = [name for name in wanted if self._unlink_regular(name)]
         fsync_directory(self.path)
         return removed
 
     def retag(self, tags: Mapping[str, Iterable[str]]) -> list[RegistryEntry]:
-        """Replace the tags of registered checkpoints in one atomic registry write.
+        """Replace the tags of indexed checkpoints in one atomic index write.
 
         Args:
-            tags: registered name -> its new tags; names not given keep theirs.
+            tags: indexed name -> its new tags; names not given keep theirs.
 
         Returns:
             The updated entries, sorted by step.
 
         Raises:
-            ValueError: a name is not registered (nothing changed).
+            ValueError: a name is not indexed (nothing changed).
         """
         self._require_writable("retag checkpoints")
-        entries, _, pending = read_registry(self.path)
-        registered = {entry.name for entry in entries}
+        state = self._index()
+        indexed = {entry.name for entry in state.entries}
         new_tags = {name: tuple(values) for name, values in tags.items()}
-        unknown = sorted(set(new_tags) - registered)
+        unknown = sorted(set(new_tags) - indexed)
         if unknown:
             raise ValueError(fix_message(f"{unknown} are not registered checkpoints in {self.path!r}.", "pass names from entries()."))
         if not all(isinstance(tag, str) for values in new_tags.values() for tag in values):
             raise TypeError(fix_message(f"tags={new_tags!r} must all be str.", "pass e.g. {'step-1.ekpt': ('best',)}."))
-        updated = [dataclasses.replace(entry, tags=new_tags.get(entry.name, entry.tags)) for entry in entries]
-        if updated != entries:
-            write_registry(self.path, updated, self._still_pending(pending))
+        updated = [dataclasses.replace(entry, tags=new_tags.get(entry.name, entry.tags)) for entry in state.entries]
+        if updated != state.entries:
+            self._write(updated, state.pending, state)
         return updated
-
-    def _still_pending(self, pending: list[str]) -> list[str]:
-        """The pending deletions whose files still exist (the rest are done)."""
-        return [name for name in pending if os.path.lexists(os.path.join(self.path, name))]
 
     def _unlink_regular(self, name: str, *, quiet: bool = False) -> bool:
         """Delete ``name`` only if it is a regular file; never follow a link."""
@@ -284,8 +359,9 @@ class CheckpointDirectory:
         os.unlink(path)
         return True
 
-    def _check_entry(self, entry: RegistryEntry, loader: Callable[[str, str], Any]) -> Any:
-        """Run ``loader(path, sha256)`` on a registered file; CheckpointCorruptError if unsound."""
+    # -- reading -----------------------------------------------------------
+    def _path_of(self, entry: RegistryEntry) -> str:
+        """The regular file of an indexed entry; CheckpointCorruptError otherwise."""
         try:
             path = resolve_inside(self.path, entry.name)
         except ValueError as exc:
@@ -295,14 +371,40 @@ class CheckpointDirectory:
                 raise CheckpointCorruptError(fix_message(f"{path!r} is not a regular file.", "remove it."))
         except FileNotFoundError as exc:
             raise CheckpointCorruptError(fix_message(f"{path!r} is missing.", "fall back to an older checkpoint.")) from exc
-        return loader(path, entry.sha256)
+        return path
 
-    def _newest(self, loader: Callable[[str, str], Any]) -> tuple[RegistryEntry, Any] | None:
+    def _note_digest_drift(self, entry: RegistryEntry, sha256: str, size: int) -> None:
+        """The file verifies but the index held another digest: the file wins; fix the index."""
+        warnings.warn(
+            f"engine_kit: {entry.name} verifies but the index recorded sha256 {entry.sha256[:12]}... "
+            f"(the file has {sha256[:12]}...); the file is used and the index corrected.",
+            stacklevel=4,
+        )
+        if self.read_only:
+            return
+        state = self._index()
+        fixed = [dataclasses.replace(e, sha256=sha256, size=size) if e.name == entry.name else e for e in state.entries]
+        self._write(fixed, state.pending, state)
+
+    def _verified(self, entry: RegistryEntry) -> CheckpointRecord | None:
+        info = verify_checkpoint_file(self._path_of(entry))
+        if info.sha256 != entry.sha256:
+            self._note_digest_drift(entry, info.sha256, info.size_bytes)
+        return info.record
+
+    def _loaded(self, entry: RegistryEntry, map_location: Any) -> dict[str, Any]:
+        payload, _record, sha256 = load_verified(self._path_of(entry), map_location)
+        if sha256 != entry.sha256:
+            self._note_digest_drift(entry, sha256, os.path.getsize(self._path_of(entry)))
+        return payload
+
+    def _newest(self, check: Callable[[RegistryEntry], Any], run_id: str | None) -> tuple[RegistryEntry, Any] | None:
         skipped = []
         found = None
-        for entry in reversed(self.entries()):
+        candidates = [entry for entry in self.entries() if run_id is None or entry.run_id == run_id]
+        for entry in reversed(candidates):
             try:
-                found = (entry, self._check_entry(entry, loader))
+                found = (entry, check(entry))
                 break
             except CheckpointCorruptError as exc:
                 skipped.append(f"{entry.name} ({str(exc).split(' To fix:')[0]})")
@@ -311,66 +413,70 @@ class CheckpointDirectory:
             warnings.warn(f"engine_kit: skipped corrupt checkpoint(s) {'; '.join(skipped)}; {fallback}.", stacklevel=3)
         return found
 
-    def newest_valid(self) -> RegistryEntry | None:
-        """The newest entry whose file matches its registered SHA-256 and verifies.
+    def newest_valid(self, *, run_id: str | None = None) -> RegistryEntry | None:
+        """The newest entry (by step, then creation order) whose file verifies.
 
         Corrupt newer entries are skipped with one warning naming them.
+        Verification streams, so this costs a read of the file, not its size in memory.
+
+        Args:
+            run_id: consider only checkpoints written by this run.
         """
-        found = self._newest(lambda path, sha: _verify_against(path, sha))
+        found = self._newest(self._verified, run_id)
         return None if found is None else found[0]
 
-    def load_newest_valid(self, map_location: Any = "cpu") -> tuple[RegistryEntry, dict[str, Any]] | None:
+    def load_newest_valid(self, map_location: Any = "cpu", *, run_id: str | None = None) -> tuple[RegistryEntry, dict[str, Any]] | None:
         """Like :meth:`newest_valid`, but loads the payload in the same pass."""
-        return self._newest(lambda path, sha: load_checkpoint_file(path, map_location, expected_sha256=sha))
+        return self._newest(lambda entry: self._loaded(entry, map_location), run_id)
 
-    def load(self, entry_or_name: RegistryEntry | str, map_location: Any = "cpu") -> dict[str, Any]:
-        """Load a registered checkpoint after checking its registered SHA-256.
-
-        Raises:
-            ValueError: the name is not registered.
-            CheckpointCorruptError: the file is missing, a symlink, altered,
-                truncated or carries code.
-        """
+    def _entry(self, entry_or_name: RegistryEntry | str) -> RegistryEntry:
         name = entry_or_name.name if isinstance(entry_or_name, RegistryEntry) else validate_name(entry_or_name)
         for entry in self.entries():
             if entry.name == name:
-                return self._check_entry(entry, lambda path, sha: load_checkpoint_file(path, map_location, expected_sha256=sha))
+                return entry
         raise ValueError(fix_message(f"{name!r} is not a registered checkpoint in {self.path!r}.", "pass a name from entries()."))
 
-    def repair(self) -> RepairReport:
-        """Finish interrupted deletions, drop entries whose file is missing, report orphans.
+    def load(self, entry_or_name: RegistryEntry | str, map_location: Any = "cpu") -> dict[str, Any]:
+        """Load an indexed checkpoint after verifying it.
 
-        Files named in the registry's ``pending_delete`` (unregistered by
-        :meth:`remove`, then the process died before the unlink) are deleted:
-        engine_kit wrote and registered them. Other unregistered ``*.ekpt``
-        files are only reported: they may be a user's copies.
+        Raises:
+            ValueError: the name is not indexed.
+            CheckpointCorruptError: the file is missing, a symlink, altered,
+                truncated or carries code.
+        """
+        return self._loaded(self._entry(entry_or_name), map_location)
+
+    def record(self, entry_or_name: RegistryEntry | str) -> CheckpointRecord | None:
+        """The verified self-description of an indexed file (``None`` for a format-1 file).
+
+        Raises:
+            ValueError: the name is not indexed.
+            CheckpointCorruptError: the file does not verify.
+        """
+        return self._verified(self._entry(entry_or_name))
+
+    def repair(self, *, full: bool = False, _stacklevel: int = 2) -> RepairReport:
+        """Rebuild the index from the files, and finish deletions a crash interrupted.
+
+        Files the index had unlisted for deletion (rotation's pending list)
+        are deleted; nothing else is. With ``full=True`` every indexed file
+        is verified in full (digest and archive), not only its record; a
+        file that fails is set aside (kept in place, excluded).
+
+        Returns:
+            A :class:`RepairReport` of what changed.
         """
         self._require_writable("repair")
-        entries, invalid, pending = read_registry(self.path)
-        finished = [name for name in pending if self._unlink_regular(name)]
-        missing = [entry.name for entry in entries if not os.path.lexists(os.path.join(self.path, entry.name))]
-        if missing:
-            warnings.warn(f"engine_kit: registry of {self.path!r} lists missing file(s) {missing}; dropping those entries.", stacklevel=2)
-        if missing or invalid or pending:
-            write_registry(self.path, [entry for entry in entries if entry.name not in missing], self._still_pending(pending))
-        registered = {entry.name for entry in entries}
-        orphans = sorted(
-            name
-            for name in os.listdir(self.path)
-            if name.endswith(CHECKPOINT_SUFFIX) and not name.startswith(".") and name not in registered
-        )
-        if orphans:
-            warnings.warn(
-                f"engine_kit: {self.path!r} holds checkpoint file(s) the registry does not list: {orphans} "
-                "(left by a crash mid-commit, or copied in). They are kept but never loaded or rotated; delete them if unwanted.",
-                stacklevel=2,
-            )
-        return RepairReport(missing, invalid, finished, orphans)
-
-
-def _verify_against(path: str, sha256: str) -> None:
-    info = verify_checkpoint_file(path)
-    if info.sha256 != sha256:
-        raise CheckpointCorruptError(
-            fix_message(f"{path!r} has SHA-256 {info.sha256[:16]}..., the registry recorded {sha256[:16]}....", "fall back to an older checkpoint.")
+        state = self._index(full=full, stacklevel=_stacklevel + 1)
+        finished = [name for name in state.pending if self._unlink_regular(name)]
+        if finished:
+            self._write(state.entries, [], state)
+        return RepairReport(
+            missing=state.missing,
+            invalid=state.invalid,
+            finished=finished,
+            orphans=sorted(state.set_aside),
+            adopted=state.adopted,
+            rebuilt_because=state.rebuilt_because,
+            set_aside=state.newly_set_aside,
         )

@@ -29,12 +29,14 @@ import tempfile
 import weakref
 
 from engine_kit.checkpoint.atomic import fsync_directory, temp_prefix
-from engine_kit.errors import CheckpointWriteError, fix_message
+from engine_kit.checkpoint.regular import open_regular
+from engine_kit.errors import CheckpointWriteError, NotARegularFileError, fix_message
 
 LOCK_NAME = ".ek-lock"
 # A lock file that is still empty or garbled this long after its last write
 # belongs to a writer killed between O_EXCL-create and write (a few bytes).
 _UNREADABLE_LOCK_GRACE_S = 60.0
+_MAX_LOCK_BYTES = 1 << 16  # a lock record is ~150 bytes
 
 
 def _start_time(pid: int) -> str | None:
@@ -74,11 +76,11 @@ def _release(path: str, token: str, owner_pid: int) -> None:
     if os.getpid() != owner_pid:
         return  # a forked child exiting must not drop its parent's lock
     try:
-        with open(path, encoding="utf-8") as fileobj:
-            if json.load(fileobj).get("token") != token:
+        with open_regular(path, "lock") as fileobj:
+            if json.loads(fileobj.read(_MAX_LOCK_BYTES).decode("utf-8")).get("token") != token:
                 return
         os.unlink(path)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, NotARegularFileError):
         pass
 
 
@@ -104,6 +106,7 @@ class DirectoryLock:
         Raises:
             CheckpointWriteError: a live writer (this process included) holds
                 it, it is held from another host, or it cannot be created.
+            NotARegularFileError: a FIFO, directory or device sits at the lock's name.
         """
         token = uuid.uuid4().hex
         record = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()), "token": token}
@@ -169,9 +172,12 @@ class DirectoryLock:
             self._finalizer()
 
     def _read(self) -> tuple[bytes, dict | None]:
+        """The lock's bytes and parsed record; NotARegularFileError for a FIFO, directory..."""
         try:
-            with open(self.path, "rb") as fileobj:
-                raw = fileobj.read()
+            with open_regular(self.path, "lock") as fileobj:
+                raw = fileobj.read(_MAX_LOCK_BYTES)
+        except NotARegularFileError:
+            raise
         except OSError:
             return b"", None
         try:
@@ -196,8 +202,11 @@ class DirectoryLock:
             os.rename(self.path, aside)
         except OSError:
             return False  # another process is recovering it first: it wins
-        with open(aside, "rb") as fileobj:
-            moved = fileobj.read()
+        try:
+            with open_regular(aside, "lock") as fileobj:
+                moved = fileobj.read(_MAX_LOCK_BYTES)
+        except (OSError, NotARegularFileError):
+            moved = None
         if moved != raw:
             # We moved a fresh lock another process just took: put it back.
             try:

@@ -1,23 +1,35 @@
-"""The registry of committed checkpoints: ``registry.json`` in the directory.
+"""The index of committed checkpoints: ``registry.json`` in the directory.
 
-A checkpoint exists only once the registry lists it, with the SHA-256 of its
-file. The registry is rewritten whole with :func:`atomic_write`, so a crash
-leaves either the old or the new list. Its JSON::
+The files are the truth; this is an index over them that can always be
+rebuilt from the files that verify (each carries its own record, see
+:mod:`engine_kit.checkpoint.record`). The directory rebuilds it whenever it
+is missing, damaged or disagrees with the files
+(:mod:`engine_kit.checkpoint.index`); this module only reads and writes it.
 
-    {"format_version": 1,
-     "entries": [{"name": "step-000100.ekpt", "sha256": "<64 hex>", "size": 1234,
+It is rewritten whole with :func:`atomic_write`, so a crash leaves either
+the old or the new index, and it carries a SHA-256 of its own content so a
+hand edit or a flipped byte is detected rather than believed. Its JSON::
+
+    {"format_version": 2,
+     "entries": [{"name": "step00000100-00003.ekpt", "sha256": "<64 hex>", "size": 1234,
                   "step": 100, "epoch": 2, "tags": ["last"], "metric": 0.25,
-                  "created": 1700000000.0}, ...],
-     "pending_delete": ["step-000050.ekpt"]}
+                  "created": 1700000000.0, "order": 3, "run_id": "exp1"}, ...],
+     "pending_delete": ["step00000050-00002.ekpt"],
+     "set_aside": {"copy.ekpt": {"reason": "...", "size": 10, "mtime_ns": 1}},
+     "next_order": 4,
+     "digest": "<64 hex: SHA-256 of the canonical JSON of everything else>"}
 
-JSON has no NaN: a non-finite metric is stored as the string ``"nan"``,
-``"inf"`` or ``"-inf"``. Names are checked when written *and* when read: an
-entry whose name could reach outside the directory (``../x``, ``/abs``, a
-symlinked path) is dropped with a warning and never acted on.
+Format 1 (no digest, order, run_id or set_aside) is still read. JSON has no
+NaN: a non-finite metric is stored as ``"nan"``, ``"inf"`` or ``"-inf"``.
+Names are checked when written *and* when read: an entry whose name could
+reach outside the directory (``../x``, ``/abs``, a symlinked path) is
+dropped with a warning and never acted on.
 
 ``pending_delete`` lists names rotation has unregistered but maybe not yet
-unlinked; the directory finishes those deletions after a crash, so a kill
-between "unregister" and "unlink" cannot leak a whole checkpoint.
+unlinked; the directory finishes those deletions after a crash.
+``set_aside`` lists files present in the directory that the index excludes
+(they did not verify, belong to another run, or are not regular files),
+with their size and mtime so they are looked at again only when they change.
 
 >>> validate_name("step-000001.ekpt")
 'step-000001.ekpt'
@@ -30,23 +42,33 @@ ValueError: Checkpoint name '../outside.ekpt' is not a plain file name: it conta
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import math
 import os
 import re
 import warnings
 from typing import Any, NamedTuple
 
 from engine_kit.checkpoint.atomic import atomic_write
+from engine_kit.checkpoint.record import (
+    decode_metric,
+    encode_metric,
+    require_count,
+    require_run_id,
+    require_tags,
+    require_time,
+)
+from engine_kit.checkpoint.regular import open_regular
 from engine_kit.errors import CheckpointCorruptError, fix_message
 
 REGISTRY_NAME = "registry.json"
-REGISTRY_FORMAT_VERSION = 1
+REGISTRY_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 CHECKPOINT_SUFFIX = ".ekpt"
 MAX_NAME_BYTES = 255
+MAX_REGISTRY_BYTES = 64 << 20
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _NAME_FIX = "pass a bare name such as 'step-000100.ekpt'."
 
 
@@ -110,32 +132,9 @@ def resolve_inside(directory: str | os.PathLike[str], name: str) -> str:
     return os.path.join(os.fspath(directory), name)
 
 
-def _encode_metric(metric: float | None) -> float | str | None:
-    if metric is None or math.isfinite(metric):
-        return metric
-    return "nan" if math.isnan(metric) else ("inf" if metric > 0 else "-inf")
-
-
-def _decode_metric(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and value in _NON_FINITE:
-        return _NON_FINITE[value]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise ValueError(f"metric {value!r} is not a number, null, 'nan', 'inf' or '-inf'")
-
-
-def _require_int(obj: dict[str, Any], key: str) -> int:
-    value = obj.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{key} {value!r} is not an integer >= 0")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class RegistryEntry:
-    """One committed checkpoint.
+    """One committed checkpoint, as the index lists it.
 
     Attributes:
         name: the file name inside the directory.
@@ -143,9 +142,11 @@ class RegistryEntry:
         size: the file size in bytes.
         step: the training step (iteration) it captured.
         epoch: the epoch it captured.
-        tags: labels such as ``"last"`` or ``"best"``.
+        tags: labels such as ``"last"`` or ``"best"`` (current, may be retagged).
         metric: the score it was ranked by (may be NaN/inf), or ``None``.
         created: ``time.time()`` at commit.
+        order: its creation order in the directory (0 for files without a record).
+        run_id: the identity of the run that wrote it, or ``None``.
 
     >>> e = RegistryEntry("a.ekpt", "0" * 64, 10, 5, 1, ("best",), float("nan"), 0.0)
     >>> RegistryEntry.from_json(e.to_json()).metric
@@ -160,6 +161,8 @@ class RegistryEntry:
     tags: tuple[str, ...] = ()
     metric: float | None = None
     created: float = 0.0
+    order: int = 0
+    run_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (non-finite metrics as strings)."""
@@ -170,8 +173,10 @@ class RegistryEntry:
             "step": self.step,
             "epoch": self.epoch,
             "tags": list(self.tags),
-            "metric": _encode_metric(self.metric),
+            "metric": encode_metric(self.metric),
             "created": self.created,
+            "order": self.order,
+            "run_id": self.run_id,
         }
 
     @classmethod
@@ -184,36 +189,80 @@ class RegistryEntry:
         sha = obj.get("sha256")
         if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
             raise ValueError(f"sha256 {sha!r} is not 64 lowercase hex digits")
-        tags = obj.get("tags", [])
-        if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
-            raise ValueError(f"tags {tags!r} is not a list of strings")
-        created = obj.get("created", 0.0)
-        if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
-            raise ValueError(f"created {created!r} is not a finite number")
         return cls(
             name=name,  # type: ignore[arg-type]  # validated above
             sha256=sha,
-            size=_require_int(obj, "size"),
-            step=_require_int(obj, "step"),
-            epoch=_require_int(obj, "epoch"),
-            tags=tuple(tags),
-            metric=_decode_metric(obj.get("metric")),
-            created=float(created),
+            size=require_count(obj, "size"),
+            step=require_count(obj, "step"),
+            epoch=require_count(obj, "epoch"),
+            tags=require_tags(obj.get("tags", [])),
+            metric=decode_metric(obj.get("metric")),
+            created=require_time(obj.get("created", 0.0)),
+            order=require_count(obj, "order", 0),
+            run_id=require_run_id(obj.get("run_id")),
         )
+
+
+def sort_key(entry: RegistryEntry) -> tuple[int, int, float]:
+    """Oldest first: by step, then creation order, then time."""
+    return (entry.step, entry.order, entry.created)
 
 
 class RegistryContents(NamedTuple):
     """What :func:`read_registry` found.
 
     Attributes:
-        entries: the valid entries, sorted by step.
+        entries: the valid entries, sorted by step (then creation order).
         dropped: why each invalid entry was dropped.
         pending: names rotation unregistered but may not have deleted yet.
+        set_aside: files the index excludes: name -> {"reason", "size", "mtime_ns"}.
+        next_order: the smallest creation order not yet handed out.
+        found: whether ``registry.json`` existed at all.
     """
 
     entries: list[RegistryEntry]
     dropped: list[str]
     pending: list[str]
+    set_aside: dict[str, dict[str, Any]] = {}
+    next_order: int = 1
+    found: bool = False
+
+
+def _content_digest(document: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``document`` without its ``digest`` key."""
+    body = {key: value for key, value in document.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")).hexdigest()
+
+
+def _unreadable(path: str, reason: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        fix_message(f"Registry {path!r} cannot be used: {reason}.", "run `engine-kit ckpt repair DIR`: the index is rebuilt from the checkpoint files.")
+    )
+
+
+def _load_document(path: str) -> dict[str, Any] | None:
+    """The registry's JSON object with its digest checked; None when absent."""
+    try:
+        with open_regular(path, "registry") as fileobj:
+            raw = fileobj.read(MAX_REGISTRY_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except CheckpointCorruptError:
+        raise  # not a regular file: its own typed error
+    except OSError as exc:
+        raise _unreadable(path, f"it cannot be read ({exc!r})") from exc
+    if len(raw) > MAX_REGISTRY_BYTES:
+        raise _unreadable(path, f"it is larger than {MAX_REGISTRY_BYTES} bytes")
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:
+        raise _unreadable(path, f"it is not JSON ({exc})") from exc
+    version = document.get("format_version") if isinstance(document, dict) else None
+    if version not in _READABLE_VERSIONS or not isinstance(document.get("entries"), list):
+        raise _unreadable(path, f"it has format_version={version!r}; this engine_kit reads versions {list(_READABLE_VERSIONS)}")
+    if version >= 2 and document.get("digest") != _content_digest(document):
+        raise _unreadable(path, "its content does not match its digest (edited by hand, or damaged)")
+    return document
 
 
 def read_registry(directory: str | os.PathLike[str]) -> RegistryContents:
@@ -227,30 +276,14 @@ def read_registry(directory: str | os.PathLike[str]) -> RegistryContents:
         yet) and a description of each dropped entry.
 
     Raises:
-        CheckpointCorruptError: the file is not JSON, or not a registry of a
-            format version this code understands.
+        CheckpointCorruptError: the file is not JSON, fails its digest, or is
+            not a registry of a format version this code understands;
+            NotARegularFileError: it is a FIFO, directory or device.
     """
     path = os.path.join(os.fspath(directory), REGISTRY_NAME)
-    try:
-        with open(path, "rb") as fileobj:
-            document = json.loads(fileobj.read().decode("utf-8"))
-    except FileNotFoundError:
-        return RegistryContents([], [], [])
-    except (OSError, ValueError) as exc:
-        raise CheckpointCorruptError(
-            fix_message(
-                f"Registry {path!r} cannot be read: {exc}.",
-                "restore it from a backup, or delete it (checkpoint files verify on their own) and re-register.",
-            )
-        ) from exc
-    version = document.get("format_version") if isinstance(document, dict) else None
-    if version != REGISTRY_FORMAT_VERSION or not isinstance(document.get("entries"), list):
-        raise CheckpointCorruptError(
-            fix_message(
-                f"Registry {path!r} has format_version={version!r}; this engine_kit reads version {REGISTRY_FORMAT_VERSION}.",
-                "use the engine_kit version that wrote it.",
-            )
-        )
+    document = _load_document(path)
+    if document is None:
+        return RegistryContents([], [], [], {}, 1, False)
     entries: list[RegistryEntry] = []
     dropped: list[str] = []
     for raw in document["entries"]:
@@ -265,32 +298,49 @@ def read_registry(directory: str | os.PathLike[str]) -> RegistryContents:
             warnings.warn(f"engine_kit: ignoring registry entry in {path!r}: {reason}", stacklevel=2)
             continue
         entries.append(entry)
-    entries.sort(key=lambda entry: (entry.step, entry.created))
-    pending: list[str] = []
-    raw_pending = document.get("pending_delete", [])
-    for name in raw_pending if isinstance(raw_pending, list) else [raw_pending]:
+    entries.sort(key=sort_key)
+    pending = [name for name in _valid_names(path, document.get("pending_delete", []), "pending deletion") if all(e.name != name for e in entries)]
+    raw_aside = document.get("set_aside", {})
+    set_aside = {
+        name: info
+        for name, info in (raw_aside.items() if isinstance(raw_aside, dict) else [])
+        if name in _valid_names(path, [name], "set-aside file") and isinstance(info, dict)
+    }
+    next_order = document.get("next_order", 1)
+    if not isinstance(next_order, int) or isinstance(next_order, bool) or next_order < 1:
+        next_order = 1
+    return RegistryContents(entries, dropped, pending, set_aside, next_order, True)
+
+
+def _valid_names(path: str, raw: object, what: str) -> list[str]:
+    names = []
+    for name in raw if isinstance(raw, list) else [raw]:
         try:
-            pending.append(validate_name(name))
+            names.append(validate_name(name))
         except (ValueError, TypeError) as exc:
-            warnings.warn(f"engine_kit: ignoring pending deletion in {path!r}: {str(exc).split(' To fix:')[0]}", stacklevel=2)
-    return RegistryContents(entries, dropped, [name for name in pending if all(e.name != name for e in entries)])
+            warnings.warn(f"engine_kit: ignoring {what} in {path!r}: {str(exc).split(' To fix:')[0]}", stacklevel=3)
+    return names
 
 
-def _current_pending(directory: str | os.PathLike[str]) -> list[str]:
-    """The pending deletions on disk whose files still exist."""
+def _current(directory: str | os.PathLike[str]) -> RegistryContents:
+    """The registry on disk, or an empty one when it cannot be read (its reader reports that)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported by whoever reads entries
-            pending = read_registry(directory).pending
+            return read_registry(directory)
     except CheckpointCorruptError:
-        return []
-    return [name for name in pending if os.path.lexists(os.path.join(os.fspath(directory), name))]
+        return RegistryContents([], [], [], {}, 1, False)
 
 
 def write_registry(
-    directory: str | os.PathLike[str], entries: list[RegistryEntry], pending: list[str] | tuple[str, ...] | None = None
+    directory: str | os.PathLike[str],
+    entries: list[RegistryEntry],
+    pending: list[str] | tuple[str, ...] | None = None,
+    *,
+    set_aside: dict[str, dict[str, Any]] | None = None,
+    next_order: int | None = None,
 ) -> None:
-    """Atomically replace ``registry.json`` with ``entries`` (sorted by step).
+    """Atomically replace ``registry.json`` with ``entries`` (sorted by step), sealed by its digest.
 
     Args:
         directory: the checkpoint directory.
@@ -298,19 +348,28 @@ def write_registry(
         pending: unregistered names whose files are about to be deleted,
             recorded so that a crash before the unlink cannot leak them;
             ``None`` keeps the current list (minus files already gone).
+        set_aside: files the index excludes (``None`` keeps the current map).
+        next_order: the next creation order to hand out; never lowered below
+            the current value or any entry's order + 1.
 
     Raises:
         CheckpointWriteError: the write failed; the old registry is intact.
     """
+    current = _current(directory)
     if pending is None:
-        pending = _current_pending(directory)
-    ordered = sorted(entries, key=lambda entry: (entry.step, entry.created))
+        pending = [name for name in current.pending if os.path.lexists(os.path.join(os.fspath(directory), name))]
+    if set_aside is None:
+        set_aside = current.set_aside
+    ordered = sorted(entries, key=sort_key)
     registered = {entry.name for entry in ordered}
-    document = {
+    document: dict[str, Any] = {
         "format_version": REGISTRY_FORMAT_VERSION,
         "entries": [entry.to_json() for entry in ordered],
         "pending_delete": sorted({validate_name(name) for name in pending} - registered),
+        "set_aside": {validate_name(name): info for name, info in sorted(set_aside.items()) if name not in registered},
+        "next_order": max([next_order or 1, current.next_order, *(entry.order + 1 for entry in ordered)]),
     }
+    document["digest"] = _content_digest(document)
     # allow_nan=False: a bare NaN would make the file unreadable to strict JSON parsers.
     data = json.dumps(document, indent=1, allow_nan=False).encode("utf-8")
     atomic_write(os.path.join(os.fspath(directory), REGISTRY_NAME), lambda fileobj: fileobj.write(data))

@@ -23,10 +23,11 @@ ValueError: the pickle references builtins.print, which is not on the allow-list
 
 from __future__ import annotations
 
+import io
 import os
 import pickletools
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -93,10 +94,75 @@ def _refuse(module: str, name: str) -> ValueError:
     )
 
 
-def _opcodes(data: bytes) -> Iterator[tuple[pickletools.OpcodeInfo, Any, int | None]]:
+# The memo model keeps exact track of which indexes were put (a bitmap), but
+# remembers the string values of at most this many short strings; a
+# STACK_GLOBAL built from a string it did not remember is refused, so the
+# bound can only cause a refusal, never let a global through.
+_MAX_MEMO_INDEX = 1 << 27
+_MAX_REMEMBERED_STRINGS = 100_000
+_MAX_REMEMBERED_LENGTH = 256
+
+
+class PickleMemo:
+    """The unpickler's memo, modelled exactly as :mod:`pickle` (and torch's loader) keep it.
+
+    ``PUT``/``BINPUT``/``LONG_BINPUT`` store at their argument, ``MEMOIZE``
+    at ``len(memo)`` (the number of *distinct* indexes stored so far, not the
+    number of ``MEMOIZE`` ops), a second put at an index replaces its value,
+    and a ``GET`` of an index never put is an error. Only string values are
+    tracked (everything else is "unknown"), in bounded memory.
+
+    >>> memo = PickleMemo()
+    >>> memo.put(5, "torch"); memo.put(memo.next_index(), "os")
+    >>> memo.next_index(), memo.get(1)
+    (2, 'os')
+    >>> memo.get(3)
+    Traceback (most recent call last):
+    ...
+    ValueError: the pickle reads memo index 3, which was never stored
+    """
+
+    def __init__(self) -> None:
+        self._present = bytearray()
+        self._count = 0
+        self._strings: dict[int, str] = {}
+
+    def next_index(self) -> int:
+        """Where ``MEMOIZE`` stores: the number of distinct indexes stored."""
+        return self._count
+
+    def _is_present(self, index: int) -> bool:
+        byte = index >> 3
+        return 0 <= index and byte < len(self._present) and bool(self._present[byte] & (1 << (index & 7)))
+
+    def put(self, index: int, value: str | None) -> None:
+        """Store ``value`` (None: not a plain string) at ``index``."""
+        if not isinstance(index, int) or index < 0:
+            raise ValueError(f"the pickle stores at memo index {index!r} (negative)")
+        if index >= _MAX_MEMO_INDEX:
+            raise ValueError(f"the pickle stores at memo index {index}, beyond the {_MAX_MEMO_INDEX} a checkpoint can need")
+        if not self._is_present(index):
+            byte = index >> 3
+            if byte >= len(self._present):
+                self._present.extend(bytes(byte + 1 - len(self._present)))
+            self._present[byte] |= 1 << (index & 7)
+            self._count += 1
+        # A redefinition must forget the old string, whatever replaces it.
+        self._strings.pop(index, None)
+        if value is not None and len(value) <= _MAX_REMEMBERED_LENGTH and len(self._strings) < _MAX_REMEMBERED_STRINGS:
+            self._strings[index] = value
+
+    def get(self, index: int) -> str | None:
+        """The string at ``index`` (None: not a string, or not remembered); ValueError if never stored."""
+        if not isinstance(index, int) or not self._is_present(index):
+            raise ValueError(f"the pickle reads memo index {index!r}, which was never stored")
+        return self._strings.get(index)
+
+
+def _opcodes(stream: IO[bytes]) -> Iterator[tuple[pickletools.OpcodeInfo, Any, int | None]]:
     """pickletools.genops, with its assorted errors on garbage as one ValueError."""
     try:
-        yield from pickletools.genops(data)
+        yield from pickletools.genops(stream)
     except Exception as exc:
         raise ValueError(f"the pickle does not parse: {exc}") from exc
 
@@ -110,13 +176,27 @@ def scan_pickle(data: bytes) -> None:
     Raises:
         ValueError: one-line reason: a global outside the allow-list, an
             opcode that can resolve code we cannot see (``EXT*``, a
-            ``STACK_GLOBAL`` whose names are not plain strings), or a pickle
-            that does not parse.
+            ``STACK_GLOBAL`` whose names are not plain strings), a memo
+            read of an index never stored, or a pickle that does not parse.
     """
-    memo: dict[int, str] = {}
-    recent: list[str | None] = []  # values pushed by the last string/memo-get opcodes
-    memo_counter = 0
-    for opcode, arg, _pos in _opcodes(data):
+    scan_pickle_stream(io.BytesIO(data))
+
+
+def scan_pickle_stream(stream: IO[bytes]) -> None:
+    """:func:`scan_pickle` on a readable stream, in memory bounded by the largest opcode argument.
+
+    The scan tracks only what can name a global: the strings on top of the
+    stack (the last two pushed, as ``STACK_GLOBAL`` takes them) and the
+    memo (see :class:`PickleMemo`). Any other opcode forgets the stack top,
+    so a name that passed through anything but a plain push or memo read is
+    refused rather than guessed.
+
+    Raises:
+        ValueError: as :func:`scan_pickle`.
+    """
+    memo = PickleMemo()
+    top: list[str | None] = []  # what the last string pushes / memo reads left on the stack
+    for opcode, arg, _pos in _opcodes(stream):
         op = opcode.name
         if op in _FORBIDDEN_OPS:
             raise ValueError(f"the pickle uses the extension registry opcode {op}")
@@ -125,27 +205,21 @@ def scan_pickle(data: bytes) -> None:
             if not is_allowed_global(module, name):
                 raise _refuse(module, name)
         elif op == "STACK_GLOBAL":
-            if len(recent) < 2 or recent[-1] is None or recent[-2] is None:
+            if len(top) < 2 or top[-1] is None or top[-2] is None:
                 raise ValueError("the pickle builds a global from computed names (STACK_GLOBAL)")
-            if not is_allowed_global(recent[-2], recent[-1]):
-                raise _refuse(recent[-2], recent[-1])
+            if not is_allowed_global(top[-2], top[-1]):
+                raise _refuse(top[-2], top[-1])
         if op in _STRING_OPS:
-            recent.append(arg if isinstance(arg, str) else None)
+            top = [*top[-1:], arg if isinstance(arg, str) else None]
         elif op in _MEMO_GET_OPS:
-            recent.append(memo.get(arg))
+            top = [*top[-1:], memo.get(arg)]
         elif op == "FRAME":
             continue  # framing only; the stack is unchanged
         elif op in _MEMO_PUT_OPS:
-            # A put keeps the stack as is; remember the string it names.
-            index = memo_counter if op == "MEMOIZE" else arg
-            memo_counter += op == "MEMOIZE"
-            if recent and recent[-1] is not None:
-                memo[index] = recent[-1]
-            else:
-                memo.pop(index, None)
-            continue
+            # A put leaves the stack as is and stores its top, a string or not.
+            memo.put(memo.next_index() if op == "MEMOIZE" else arg, top[-1] if top else None)
         else:
-            recent.clear()
+            top = []
 
 
 def weights_only_env_conflict() -> str | None:

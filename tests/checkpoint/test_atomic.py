@@ -20,11 +20,11 @@ def _temps(directory: Path) -> list[str]:
 
 
 class _SyscallRecorder:
-    """Wraps os.fsync / os.replace, recording (call, path) in order."""
+    """Wraps os.fsync / os.replace / os.link, recording (call, path) in order."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple[str, str]] = []
-        real_fsync, real_replace = os.fsync, os.replace
+        real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
         def fsync(fd: int) -> None:
             self.calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -34,8 +34,13 @@ class _SyscallRecorder:
             self.calls.append(("replace", f"{os.path.basename(src)}->{os.path.basename(dst)}"))
             real_replace(src, dst)
 
+        def link(src: str, dst: str) -> None:
+            self.calls.append(("link", f"{os.path.basename(src)}->{os.path.basename(dst)}"))
+            real_link(src, dst)
+
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "link", link)
 
 
 def test_atomic_write_writes_the_bytes_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -63,7 +68,7 @@ def test_case6_commit_makes_file_durable_before_registering_it(tmp_path: Path, m
     tmp1, tmp2 = os.path.basename(recorder.calls[0][1]), os.path.basename(recorder.calls[3][1])
     assert kinds == [
         ("fsync", tmp1),
-        ("replace", "a.ekpt"),
+        ("link", "a.ekpt"),  # a no-clobber link: a committed name is never replaced
         ("fsync", tmp_path.name),
         ("fsync", tmp2),
         ("replace", "registry.json"),

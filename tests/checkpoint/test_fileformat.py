@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
+import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -16,16 +19,18 @@ import torch
 
 from engine_kit.checkpoint import (
     TEMP_PREFIX,
+    CheckpointRecord,
     load_checkpoint_file,
+    read_record,
     save_checkpoint_file,
     sha256_file,
     verify_checkpoint_file,
 )
 from engine_kit.checkpoint import fileformat
-from engine_kit.checkpoint.fileformat import MAGIC, TRAILER_SIZE, make_trailer
+from engine_kit.checkpoint.fileformat import MAGIC, MAGIC_V2, TRAILER_SIZE, TRAILER_V2_SIZE, make_trailer
 from engine_kit.checkpoint.safety import scan_pickle
 from engine_kit.errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError
-from tests.checkpoint.conftest import flip_byte, listing, make_payload
+from tests.checkpoint.conftest import flip_byte, listing, make_payload, payload_matches
 
 
 def _rich_payload() -> dict:
@@ -72,14 +77,34 @@ def test_case19_save_load_save_round_trip_is_identical(tmp_path: Path) -> None:
     assert _bits(second) == _bits(first)
 
 
-def test_file_layout_is_zip_plus_documented_trailer(tmp_path: Path) -> None:
-    info = save_checkpoint_file(tmp_path / "a.ekpt", make_payload(3, numel=16))
+def test_file_layout_is_zip_record_and_documented_trailer(tmp_path: Path) -> None:
+    record = CheckpointRecord("a.ekpt", step=3, epoch=1, order=7, tags=("last",), metric=float("-inf"), run_id="r1", created=5.0)
+    info = save_checkpoint_file(tmp_path / "a.ekpt", make_payload(3, numel=16), record=record)
     data = (tmp_path / "a.ekpt").read_bytes()
-    zip_bytes, trailer = data[:-TRAILER_SIZE], data[-TRAILER_SIZE:]
-    assert trailer == make_trailer(zip_bytes) and trailer.startswith(MAGIC)
-    assert zip_bytes.startswith(b"PK")
+    trailer = data[-TRAILER_V2_SIZE:]
+    assert trailer.startswith(MAGIC_V2)
+    archive_length, record_length = struct.unpack(">QQ", trailer[-16:])
+    assert archive_length + record_length + TRAILER_V2_SIZE == len(data)
+    zip_bytes, record_bytes = data[:archive_length], data[archive_length : archive_length + record_length]
+    assert trailer[len(MAGIC_V2) : len(MAGIC_V2) + 32] == hashlib.sha256(zip_bytes + record_bytes).digest()
+    assert zip_bytes.startswith(b"PK") and json.loads(record_bytes)["order"] == 7
+    assert CheckpointRecord.from_bytes(record_bytes) == read_record(tmp_path / "a.ekpt") == info.record
+    assert b"\"metric\":\"-inf\"" in record_bytes  # strict JSON, no bare -Infinity
     assert info.size_bytes == len(data) and info.sha256 == sha256_file(tmp_path / "a.ekpt")
     assert info.meta == {"step": 3, "note": "test"}
+
+
+def test_format_1_files_without_a_record_still_verify_and_load(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(make_payload(4, numel=16), buffer)
+    zip_bytes = buffer.getvalue()
+    (tmp_path / "old.ekpt").write_bytes(zip_bytes + make_trailer(zip_bytes))
+    assert make_trailer(zip_bytes).startswith(MAGIC) and len(make_trailer(zip_bytes)) == TRAILER_SIZE
+    assert verify_checkpoint_file(tmp_path / "old.ekpt").record is None and read_record(tmp_path / "old.ekpt") is None
+    assert payload_matches(load_checkpoint_file(tmp_path / "old.ekpt"), 4)
+    flip_byte(tmp_path / "old.ekpt", 100)
+    with pytest.raises(CheckpointCorruptError, match="does not match the trailer"):
+        verify_checkpoint_file(tmp_path / "old.ekpt")
 
 
 def test_a_file_verifies_on_its_own_when_copied_away(tmp_path: Path) -> None:
@@ -88,7 +113,8 @@ def test_a_file_verifies_on_its_own_when_copied_away(tmp_path: Path) -> None:
     elsewhere.parent.mkdir()
     shutil.copy(tmp_path / "a.ekpt", elsewhere)
     info = verify_checkpoint_file(elsewhere)
-    assert info.sha256 == sha256_file(tmp_path / "a.ekpt") and info.meta["step"] == 5
+    assert info.sha256 == sha256_file(tmp_path / "a.ekpt") and info.record.name == "a.ekpt"
+    assert load_checkpoint_file(elsewhere)["meta"]["step"] == 5
 
 
 def _truncations(size: int) -> list[int]:
@@ -229,7 +255,7 @@ def test_case13_weights_only_alone_still_refuses_under_the_env_var(tmp_path: Pat
     path = tmp_path / "evil.ekpt"
     path.write_bytes(zip_bytes + make_trailer(zip_bytes))
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    monkeypatch.setattr(fileformat, "_scan_archive", lambda zip_bytes: None)
+    monkeypatch.setattr(fileformat, "_scan_archive", lambda fileobj, length: None)
     with pytest.raises(CheckpointCorruptError, match="weights_only loading rejects"):
         load_checkpoint_file(path)
     assert not sentinel.exists()
