@@ -1,15 +1,12 @@
 """One checkpoint file: ``torch.save`` bytes and a self-description, sealed with SHA-256.
 
-Layout of a ``.ekpt`` file (format 2)::
-
-    [ torch.save zip archive, N bytes ][ record: compact JSON, R bytes ]
-    [ b"EKCKPT2\0" ][ SHA-256 of the N + R bytes, 32 ][ N, u64 big-endian ][ R, u64 big-endian ]
-
-The record (:class:`~engine_kit.checkpoint.record.CheckpointRecord`: name,
-step, epoch, metric, tags, creation order, run identity, time) lies inside
-what the digest covers, so a file describes itself and a directory's index
-can be rebuilt from its files. Files of format 1 (``[zip][b"EKCKPT1\0"]
-[SHA-256 of zip][N]``, no record) still verify and load.
+A ``.ekpt`` file is the ``torch.save`` zip archive, then its record
+(:class:`~engine_kit.checkpoint.record.CheckpointRecord`: name, step, epoch,
+metric, tags, creation order, run identity, time), then a trailer holding
+the SHA-256 of both (layout in :mod:`engine_kit.checkpoint.seal`). The
+record lies inside what the digest covers, so a file describes itself and a
+directory's index can be rebuilt from its files. Files of format 1 (no
+record) still verify and load.
 
 The trailer makes a file verify on its own, copied away from its directory:
 an empty or truncated file has no trailer (or one whose lengths disagree),
@@ -44,23 +41,35 @@ import hashlib
 import io
 import os
 import pickle
-import struct
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
 import torch
 
 from engine_kit.checkpoint.archive import check_archive
 from engine_kit.checkpoint.atomic import atomic_write
-from engine_kit.checkpoint.record import MAX_RECORD_BYTES, CheckpointRecord
+from engine_kit.checkpoint.record import CheckpointRecord
 from engine_kit.checkpoint.regular import open_regular
 from engine_kit.checkpoint.safety import weights_only_env_conflict
-from engine_kit.errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError, NotARegularFileError, fix_message
+from engine_kit.checkpoint.seal import (  # noqa: F401  (MAGIC..make_trailer, read_record, sha256_file: re-exported)
+    CHUNK,
+    MAGIC,
+    MAGIC_V2,
+    TRAILER_SIZE,
+    TRAILER_V2_SIZE,
+    corrupt,
+    digest_mismatch,
+    make_trailer,
+    open_checkpoint,
+    parse_record,
+    read_record,
+    read_seal,
+    read_sealed,
+    sha256_file,
+    stream_digest,
+    trailer_v2,
+)
+from engine_kit.errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError, fix_message
 
-MAGIC = b"EKCKPT1\0"
-TRAILER_SIZE = len(MAGIC) + 32 + 8
-MAGIC_V2 = b"EKCKPT2\0"
-TRAILER_V2_SIZE = len(MAGIC_V2) + 32 + 8 + 8
-_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,54 +91,6 @@ class CheckpointFileInfo:
     sha256: str
     meta: dict[str, Any] | None
     record: CheckpointRecord | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Seal:
-    """A parsed trailer: where the archive and the record end, and their digest."""
-
-    archive_length: int
-    record_length: int
-    digest: bytes
-    trailer: bytes
-
-    @property
-    def covered(self) -> int:
-        return self.archive_length + self.record_length
-
-
-def make_trailer(zip_bytes: bytes | memoryview, digest: Any = None) -> bytes:
-    """The format-1 trailer (48 bytes, no record) that seals ``zip_bytes``.
-
-    >>> len(make_trailer(b"abc")) == TRAILER_SIZE
-    True
-    """
-    digest = digest if digest is not None else hashlib.sha256(zip_bytes)
-    return MAGIC + digest.digest() + struct.pack(">Q", len(zip_bytes))
-
-
-def _trailer_v2(digest: Any, archive_length: int, record_length: int) -> bytes:
-    return MAGIC_V2 + digest.digest() + struct.pack(">QQ", archive_length, record_length)
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a whole regular file, read in 1 MiB chunks.
-
-    >>> import tempfile
-    >>> with tempfile.NamedTemporaryFile(delete=False) as f:
-    ...     _ = f.write(b"abc")
-    >>> sha256_file(f.name)[:12]
-    'ba7816bf8f01'
-    """
-    digest = hashlib.sha256()
-    with open_regular(path) as fileobj:
-        while chunk := fileobj.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _corrupt(path: str, reason: str, fix: str = "fall back to an older checkpoint.") -> CheckpointCorruptError:
-    return CheckpointCorruptError(fix_message(f"Checkpoint {path!r} is unusable: {reason}.", fix))
 
 
 def save_checkpoint_file(
@@ -177,7 +138,7 @@ def save_checkpoint_file(
     # One pass of SHA-256 over the data serves both the trailer and the whole-file digest.
     digest = hashlib.sha256(zip_bytes)
     digest.update(record_bytes)
-    trailer = _trailer_v2(digest, len(zip_bytes), len(record_bytes))
+    trailer = trailer_v2(digest, len(zip_bytes), len(record_bytes))
     whole = digest.copy()
     whole.update(trailer)
 
@@ -208,103 +169,17 @@ def seal_archive_file(path: str | os.PathLike[str], record: CheckpointRecord) ->
     path = os.fspath(path)
     digest = hashlib.sha256()
     with open_regular(path) as fileobj:
-        while chunk := fileobj.read(_CHUNK):
+        while chunk := fileobj.read(CHUNK):
             digest.update(chunk)
         archive_length = fileobj.tell()
     record_bytes = record.to_bytes()
     digest.update(record_bytes)
-    trailer = _trailer_v2(digest, archive_length, len(record_bytes))
+    trailer = trailer_v2(digest, archive_length, len(record_bytes))
     with open(path, "ab") as fileobj:
         fileobj.write(record_bytes + trailer)
     whole = digest.copy()
     whole.update(trailer)
     return CheckpointFileInfo(path, archive_length + len(record_bytes) + len(trailer), whole.hexdigest(), None, record)
-
-
-def _open_checkpoint(path: str) -> tuple[BinaryIO, int]:
-    """Open a regular file without blocking; return it and its size."""
-    try:
-        fileobj = open_regular(path, "checkpoint")
-    except NotARegularFileError as exc:
-        raise NotARegularFileError(str(exc).replace(" To fix:", " (not a checkpoint) To fix:", 1)) from None
-    except OSError as exc:
-        raise _corrupt(path, f"it cannot be read ({exc!r})", "check that the file exists and the disk is healthy.") from exc
-    return fileobj, os.fstat(fileobj.fileno()).st_size
-
-
-def _read_seal(path: str, fileobj: IO[bytes], size: int) -> _Seal:
-    """Parse the trailer of either format; CheckpointCorruptError when absent or inconsistent."""
-    if size < TRAILER_SIZE:
-        raise _corrupt(path, f"it is {size} bytes, shorter than the {TRAILER_SIZE}-byte trailer (empty or truncated)")
-    fileobj.seek(size - min(size, TRAILER_V2_SIZE))
-    tail = fileobj.read(TRAILER_V2_SIZE)
-    if len(tail) == TRAILER_V2_SIZE and tail.startswith(MAGIC_V2):
-        archive_length, record_length = struct.unpack(">QQ", tail[-16:])
-        seal = _Seal(archive_length, record_length, tail[len(MAGIC_V2) : len(MAGIC_V2) + 32], tail)
-        if record_length > MAX_RECORD_BYTES:
-            raise _corrupt(path, f"its trailer records a {record_length}-byte record, over the {MAX_RECORD_BYTES}-byte limit")
-    elif tail[-TRAILER_SIZE:].startswith(MAGIC):
-        trailer = tail[-TRAILER_SIZE:]
-        (archive_length,) = struct.unpack(">Q", trailer[-8:])
-        seal = _Seal(archive_length, 0, trailer[len(MAGIC) : len(MAGIC) + 32], trailer)
-    else:
-        raise _corrupt(path, "no engine_kit trailer at its end (truncated, appended to, or not written by engine_kit)")
-    if seal.covered != size - len(seal.trailer):
-        raise _corrupt(path, f"its trailer records {seal.covered} bytes of data but {size - len(seal.trailer)} precede it (truncated or spliced)")
-    return seal
-
-
-def _parse_record(path: str, seal: _Seal, record_bytes: bytes) -> CheckpointRecord | None:
-    if seal.record_length == 0 and not seal.trailer.startswith(MAGIC_V2):
-        return None
-    try:
-        return CheckpointRecord.from_bytes(record_bytes)
-    except ValueError as exc:
-        raise _corrupt(path, str(exc)) from exc
-
-
-def _digest_mismatch(path: str) -> CheckpointCorruptError:
-    return _corrupt(path, "its SHA-256 does not match the trailer (a byte was altered on disk or in transit)")
-
-
-def read_record(path: str | os.PathLike[str]) -> CheckpointRecord | None:
-    """A file's record, read from its end without checking its digest (cheap: no data is read).
-
-    Use it to list or plan; trust it only for a file that verified
-    (:func:`verify_checkpoint_file` returns the verified record).
-
-    Returns:
-        The record, or ``None`` for a format-1 file (which has none).
-
-    Raises:
-        CheckpointCorruptError: no trailer, inconsistent lengths, a record
-            that is not valid; NotARegularFileError for a FIFO, directory...
-    """
-    path = os.fspath(path)
-    fileobj, size = _open_checkpoint(path)
-    with fileobj:
-        seal = _read_seal(path, fileobj, size)
-        fileobj.seek(seal.archive_length)
-        return _parse_record(path, seal, fileobj.read(seal.record_length))
-
-
-def _read_sealed(path: str) -> tuple[bytes, CheckpointRecord | None, str]:
-    """Read and check a whole file into memory; return (zip bytes, record, file sha256 hex)."""
-    fileobj, size = _open_checkpoint(path)
-    try:
-        with fileobj:
-            seal = _read_seal(path, fileobj, size)
-            fileobj.seek(0)
-            zip_bytes = fileobj.read(seal.archive_length)
-            record_bytes = fileobj.read(seal.record_length)
-    except OSError as exc:
-        raise _corrupt(path, f"it cannot be read ({exc!r})", "check that the file exists and the disk is healthy.") from exc
-    digest = hashlib.sha256(zip_bytes)
-    digest.update(record_bytes)
-    if len(zip_bytes) + len(record_bytes) != seal.covered or digest.digest() != seal.digest:
-        raise _digest_mismatch(path)
-    digest.update(seal.trailer)
-    return zip_bytes, _parse_record(path, seal, record_bytes), digest.hexdigest()
 
 
 def _scan_archive(fileobj: IO[bytes], length: int) -> None:
@@ -313,7 +188,7 @@ def _scan_archive(fileobj: IO[bytes], length: int) -> None:
 
 
 def _refused(path: str, exc: ValueError) -> CheckpointCorruptError:
-    return _corrupt(path, f"refused: the file carries code or unknown types ({exc})", "load only checkpoints you trust were written by engine_kit.")
+    return corrupt(path, f"refused: the file carries code or unknown types ({exc})", "load only checkpoints you trust were written by engine_kit.")
 
 
 def _safe_load(path: str, zip_bytes: bytes, map_location: Any) -> dict[str, Any]:
@@ -330,11 +205,11 @@ def _safe_load(path: str, zip_bytes: bytes, map_location: Any) -> dict[str, Any]
         payload = torch.load(io.BytesIO(zip_bytes), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _corrupt(path, f"refused: the file carries code that weights_only loading rejects ({reason})") from exc
+        raise corrupt(path, f"refused: the file carries code that weights_only loading rejects ({reason})") from exc
     except Exception as exc:
-        raise _corrupt(path, f"torch.load failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise corrupt(path, f"torch.load failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if not isinstance(payload, dict):
-        raise _corrupt(path, f"its payload is a {type(payload).__name__}, not a dict")
+        raise corrupt(path, f"its payload is a {type(payload).__name__}, not a dict")
     return payload
 
 
@@ -348,7 +223,7 @@ def load_verified(path: str | os.PathLike[str], map_location: Any = "cpu") -> tu
         CheckpointCorruptError: as :func:`load_checkpoint_file`.
     """
     path = os.fspath(path)
-    zip_bytes, record, file_sha = _read_sealed(path)
+    zip_bytes, record, file_sha = read_sealed(path)
     return _safe_load(path, zip_bytes, map_location), record, file_sha
 
 
@@ -372,9 +247,9 @@ def load_checkpoint_file(
             NotARegularFileError for a FIFO, directory or device.
     """
     path = os.fspath(path)
-    zip_bytes, _record, file_sha = _read_sealed(path)
+    zip_bytes, _record, file_sha = read_sealed(path)
     if expected_sha256 is not None and file_sha != expected_sha256:
-        raise _corrupt(path, f"its SHA-256 {file_sha[:16]}... differs from the recorded {expected_sha256[:16]}... (replaced or altered)")
+        raise corrupt(path, f"its SHA-256 {file_sha[:16]}... differs from the recorded {expected_sha256[:16]}... (replaced or altered)")
     return _safe_load(path, zip_bytes, map_location)
 
 
@@ -395,13 +270,13 @@ def verify_checkpoint_file(path: str | os.PathLike[str]) -> CheckpointFileInfo:
             (NotARegularFileError for a FIFO, directory or device).
     """
     path = os.fspath(path)
-    fileobj, size = _open_checkpoint(path)
+    fileobj, size = open_checkpoint(path)
     with fileobj:
-        seal = _read_seal(path, fileobj, size)
-        digest, record_bytes = _stream_digest(path, fileobj, seal)
+        seal = read_seal(path, fileobj, size)
+        digest, record_bytes = stream_digest(path, fileobj, seal)
         if digest.digest() != seal.digest:
-            raise _digest_mismatch(path)
-        record = _parse_record(path, seal, record_bytes)
+            raise digest_mismatch(path)
+        record = parse_record(path, seal, record_bytes)
         try:
             _scan_archive(fileobj, seal.archive_length)
         except ValueError as exc:
@@ -409,22 +284,3 @@ def verify_checkpoint_file(path: str | os.PathLike[str]) -> CheckpointFileInfo:
     digest.update(seal.trailer)
     return CheckpointFileInfo(path, size, digest.hexdigest(), None, record)
 
-
-def _stream_digest(path: str, fileobj: IO[bytes], seal: _Seal) -> tuple[Any, bytes]:
-    """SHA-256 of the sealed region in 1 MiB chunks, and the record bytes at its end."""
-    digest = hashlib.sha256()
-    record = bytearray()
-    position = 0
-    fileobj.seek(0)
-    try:
-        while position < seal.covered:
-            chunk = fileobj.read(min(_CHUNK, seal.covered - position))
-            if not chunk:
-                raise _corrupt(path, "it shrank while being read")
-            digest.update(chunk)
-            if position + len(chunk) > seal.archive_length:
-                record += chunk[max(0, seal.archive_length - position) :]
-            position += len(chunk)
-    except OSError as exc:
-        raise _corrupt(path, f"it cannot be read ({exc!r})", "check that the disk is healthy.") from exc
-    return digest, bytes(record)

@@ -27,6 +27,7 @@ from engine_kit.checkpoint import (
     sha256_file,
 )
 from engine_kit.checkpoint import directory as directory_module
+from engine_kit.checkpoint import reader as reader_module
 from engine_kit.checkpoint import registry as registry_module
 from engine_kit.errors import CheckpointCorruptError, CheckpointWriteError
 from tests.checkpoint.conftest import child_env, flip_byte, listing, make_payload, payload_matches
@@ -471,7 +472,7 @@ def test_registry_write_failure_takes_the_new_file_back(tmp_path: Path, monkeypa
         def failing(*args: object, **kwargs: object) -> None:
             raise CheckpointWriteError("disk full while writing registry.json")
 
-        monkeypatch.setattr(directory_module, "write_registry", failing)
+        monkeypatch.setattr(reader_module, "write_registry", failing)
         with pytest.raises(CheckpointWriteError, match="registry.json"):
             _commit(ckpts, 2)
         assert listing(tmp_path) == before

@@ -1,0 +1,170 @@
+"""Reading a checkpoint directory: its reconciled index, verification, loading.
+
+:class:`IndexedReader` is the read side of
+:class:`~engine_kit.checkpoint.directory.CheckpointDirectory`: every listing
+goes through :func:`~engine_kit.checkpoint.index.load_index`, so it answers
+whatever state ``registry.json`` is in, and every load verifies the file.
+A file that verifies is believed over the index: if the index recorded
+another digest for it, the index is corrected (one warning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from engine_kit.checkpoint.fileformat import load_verified, verify_checkpoint_file
+from engine_kit.checkpoint.index import IndexState, load_index
+from engine_kit.checkpoint.record import CheckpointRecord
+from engine_kit.checkpoint.registry import RegistryEntry, resolve_inside, validate_name, write_registry
+from engine_kit.errors import CheckpointCorruptError, fix_message
+
+
+class IndexedReader:
+    """The read side of a checkpoint directory (see ``CheckpointDirectory``).
+
+    Args:
+        path: the directory (made absolute).
+        read_only: never write ``registry.json`` (repairs stay in memory).
+        run_id: adopt unlisted files only when their record carries it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool, run_id: str | None) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.read_only = read_only
+        if run_id is not None and not isinstance(run_id, str):
+            raise TypeError(fix_message(f"run_id={run_id!r} is not a str.", "pass a string naming the run, or None."))
+        self.run_id = run_id
+        self._aside: dict[str, dict[str, Any]] = {}  # read-only mode: judged files, not persisted
+        self._warned: set[str] = set()
+
+    # -- the index -------------------------------------------------------
+    def _index(self, *, full: bool = False, stacklevel: int = 3) -> IndexState:
+        """The reconciled index; persisted (writable) and warned about once when it changed."""
+        state = load_index(self.path, run_id=self.run_id, full=full, known_aside=self._aside)
+        if not state.changed:
+            return state
+        description = state.describe()
+        if self.read_only:
+            self._aside = state.set_aside
+        else:
+            self._write(state.entries, state.pending, state)
+        if description not in self._warned:
+            self._warned.add(description)
+            where = "in memory (read-only)" if self.read_only else "and saved"
+            warnings.warn(
+                f"engine_kit: rebuilt the checkpoint index of {self.path!r} {where}: {description}. No checkpoint file was deleted.",
+                stacklevel=stacklevel,
+            )
+        return state
+
+    def _write(self, entries: list[RegistryEntry], pending: list[str], state: IndexState, next_order: int | None = None) -> None:
+        write_registry(self.path, entries, pending, set_aside=state.set_aside, next_order=next_order or state.next_order)
+
+    def entries(self) -> list[RegistryEntry]:
+        """The indexed checkpoints, sorted by step then creation order (oldest first).
+
+        Always answers: a damaged or inconsistent index is rebuilt from the
+        files (one warning naming what was repaired).
+        """
+        return self._index().entries
+
+    def _path_of(self, entry: RegistryEntry) -> str:
+        """The regular file of an indexed entry; CheckpointCorruptError otherwise."""
+        try:
+            path = resolve_inside(self.path, entry.name)
+        except ValueError as exc:
+            raise CheckpointCorruptError(str(exc)) from exc
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise CheckpointCorruptError(fix_message(f"{path!r} is not a regular file.", "remove it."))
+        except FileNotFoundError as exc:
+            raise CheckpointCorruptError(fix_message(f"{path!r} is missing.", "fall back to an older checkpoint.")) from exc
+        return path
+
+    def _note_digest_drift(self, entry: RegistryEntry, sha256: str, size: int) -> None:
+        """The file verifies but the index held another digest: the file wins; fix the index."""
+        warnings.warn(
+            f"engine_kit: {entry.name} verifies but the index recorded sha256 {entry.sha256[:12]}... "
+            f"(the file has {sha256[:12]}...); the file is used and the index corrected.",
+            stacklevel=4,
+        )
+        if self.read_only:
+            return
+        state = self._index()
+        fixed = [dataclasses.replace(e, sha256=sha256, size=size) if e.name == entry.name else e for e in state.entries]
+        self._write(fixed, state.pending, state)
+
+    def _verified(self, entry: RegistryEntry) -> CheckpointRecord | None:
+        info = verify_checkpoint_file(self._path_of(entry))
+        if info.sha256 != entry.sha256:
+            self._note_digest_drift(entry, info.sha256, info.size_bytes)
+        return info.record
+
+    def _loaded(self, entry: RegistryEntry, map_location: Any) -> dict[str, Any]:
+        payload, _record, sha256 = load_verified(self._path_of(entry), map_location)
+        if sha256 != entry.sha256:
+            self._note_digest_drift(entry, sha256, os.path.getsize(self._path_of(entry)))
+        return payload
+
+    def _newest(self, check: Callable[[RegistryEntry], Any], run_id: str | None) -> tuple[RegistryEntry, Any] | None:
+        skipped = []
+        found = None
+        candidates = [entry for entry in self.entries() if run_id is None or entry.run_id == run_id]
+        for entry in reversed(candidates):
+            try:
+                found = (entry, check(entry))
+                break
+            except CheckpointCorruptError as exc:
+                skipped.append(f"{entry.name} ({str(exc).split(' To fix:')[0]})")
+        if skipped:
+            fallback = f"using {found[0].name}" if found else "no valid checkpoint is left"
+            warnings.warn(f"engine_kit: skipped corrupt checkpoint(s) {'; '.join(skipped)}; {fallback}.", stacklevel=3)
+        return found
+
+    def newest_valid(self, *, run_id: str | None = None) -> RegistryEntry | None:
+        """The newest entry (by step, then creation order) whose file verifies.
+
+        Corrupt newer entries are skipped with one warning naming them.
+        Verification streams, so this costs a read of the file, not its size in memory.
+
+        Args:
+            run_id: consider only checkpoints written by this run.
+        """
+        found = self._newest(self._verified, run_id)
+        return None if found is None else found[0]
+
+    def load_newest_valid(self, map_location: Any = "cpu", *, run_id: str | None = None) -> tuple[RegistryEntry, dict[str, Any]] | None:
+        """Like :meth:`newest_valid`, but loads the payload in the same pass."""
+        return self._newest(lambda entry: self._loaded(entry, map_location), run_id)
+
+    def _entry(self, entry_or_name: RegistryEntry | str) -> RegistryEntry:
+        name = entry_or_name.name if isinstance(entry_or_name, RegistryEntry) else validate_name(entry_or_name)
+        for entry in self.entries():
+            if entry.name == name:
+                return entry
+        raise ValueError(fix_message(f"{name!r} is not a registered checkpoint in {self.path!r}.", "pass a name from entries()."))
+
+    def load(self, entry_or_name: RegistryEntry | str, map_location: Any = "cpu") -> dict[str, Any]:
+        """Load an indexed checkpoint after verifying it.
+
+        Raises:
+            ValueError: the name is not indexed.
+            CheckpointCorruptError: the file is missing, a symlink, altered,
+                truncated or carries code.
+        """
+        return self._loaded(self._entry(entry_or_name), map_location)
+
+    def record(self, entry_or_name: RegistryEntry | str) -> CheckpointRecord | None:
+        """The verified self-description of an indexed file (``None`` for a format-1 file).
+
+        Raises:
+            ValueError: the name is not indexed.
+            CheckpointCorruptError: the file does not verify.
+        """
+        return self._verified(self._entry(entry_or_name))
+
