@@ -84,7 +84,7 @@ def signal_inside_commit(nth: int) -> None:
     CheckpointDirectory.commit = commit
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
     parser.add_argument("--out", required=True)
@@ -102,36 +102,62 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="fp32")
     args = parser.parse_args(argv)
 
+    hooks = []
+    if args.signal_at_iteration is not None:
+        hooks.append(lambda t: t.add_event_handler(Events.ITERATION_COMPLETED(once=args.signal_at_iteration),
+                                                   lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    if args.signal_during_save is not None:
+        signal_inside_commit(args.signal_during_save)
+    if args.crash_at_iteration is not None:
+        hooks.append(lambda t: t.add_event_handler(Events.ITERATION_COMPLETED(once=args.crash_at_iteration), lambda: os._exit(17)))
+    if args.crash_after_epoch is not None:
+        hooks.append(lambda t: t.add_event_handler(Events.EPOCH_COMPLETED(once=args.crash_after_epoch), lambda: os._exit(17)))
+    result = train(
+        args.dir, epochs=args.epochs, accumulation=args.accumulation, workers=args.workers,
+        every_steps=args.every_steps, resume="auto" if args.resume else None, device=args.device,
+        precision=args.precision, preemption=args.preemption, hooks=hooks,
+    )
+    if result is None:
+        return PREEMPTED_EXIT_STATUS
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def train(
+    run_dir, *, epochs: int = 3, accumulation: int = 1, workers: int = 0, every_steps: int = 2, keep_last: int = 2,
+    resume=None, device: str = "cpu", precision: str = "fp32", preemption: bool = False, hooks=(),
+) -> dict | None:
+    """One run (in this process); the result dict, or None when it was preempted.
+
+    ``hooks`` are called with the trainer before it runs (crash or signal injectors).
+    """
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
-    model = model.to(args.device)  # on CUDA, dropout draws from the CUDA generator
+    model = model.to(device)  # on CUDA, dropout draws from the CUDA generator
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
-    loader = ResumableLoader(Augmented(), batch_size=4, shuffle=True, seed=7, num_workers=args.workers)
-    trainer = create_trainer(model, optimizer, F.cross_entropy, device=args.device, precision=args.precision,
-                             accumulation_steps=args.accumulation, max_grad_norm=1.0)
+    loader = ResumableLoader(Augmented(), batch_size=4, shuffle=True, seed=7, num_workers=workers)
+    trainer = create_trainer(model, optimizer, F.cross_entropy, device=device, precision=precision,
+                             accumulation_steps=accumulation, max_grad_norm=1.0)
     register_stateful(trainer, "scheduler", scheduler)
     trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda: scheduler.step())
     record = LossRecord()
     register_stateful(trainer, "losses", record)
     trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda e: record.losses.append(e.state.output.loss.item()))
-    rotation = CheckpointRotation(args.dir, every_steps=args.every_steps, keep_last=2, resume="auto" if args.resume else None)
+    rotation = CheckpointRotation(run_dir, every_steps=every_steps, keep_last=keep_last, resume=resume)
     rotation.attach(trainer)
-    if args.preemption:
+    if preemption:
         Preemption(rotation).attach(trainer)
-    if args.signal_at_iteration is not None:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=args.signal_at_iteration),
-                                  lambda: os.kill(os.getpid(), signal.SIGTERM))
-    if args.signal_during_save is not None:
-        signal_inside_commit(args.signal_during_save)
-    if args.crash_at_iteration is not None:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=args.crash_at_iteration), lambda: os._exit(17))
-    if args.crash_after_epoch is not None:
-        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=args.crash_after_epoch), lambda: os._exit(17))
-    trainer.run(loader, max_epochs=args.epochs)
+    for hook in hooks:
+        hook(trainer)
+    try:
+        trainer.run(loader, max_epochs=epochs)
+    finally:
+        rotation.close()  # an in-process "crash" (an exception) must not keep the directory locked
     if getattr(trainer.state, "preempted", None):
-        return PREEMPTED_EXIT_STATUS
-    result = {
+        return None
+    return {
         "losses": record.losses,
         "params": tensor_digest(model.parameters()),
         "optimizer": tensor_digest(
@@ -144,8 +170,6 @@ def main(argv: list[str] | None = None) -> None:
         "scaler": trainer.state.scaler.state_dict(),
         "resumed_from": trainer.state.resumed_from,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f)
 
 
 if __name__ == "__main__":
