@@ -52,7 +52,7 @@ class IndexState(NamedTuple):
     Attributes:
         entries: the checkpoints the index lists, oldest first.
         pending: unregistered names whose deletion a crash interrupted.
-        set_aside: files kept in place but excluded: name -> {"reason", "size", "mtime_ns"}.
+        set_aside: files kept in place but excluded: name -> {"reason", "size", "mtime_ns", "run_filter"}.
         next_order: a creation order above every one in use or on disk.
         rebuilt_because: why the registry itself could not be used (None: it could).
         missing: names dropped because their file is gone.
@@ -220,7 +220,8 @@ def load_index(
         if name in listed or name in pending:
             continue
         previous = remembered.get(name)
-        if previous and previous.get("size") == info.st_size and previous.get("mtime_ns") == info.st_mtime_ns:
+        unchanged = previous and (previous.get("size"), previous.get("mtime_ns")) == (info.st_size, info.st_mtime_ns)
+        if unchanged and previous.get("run_filter") == run_id:  # judged under the same adoption rule
             set_aside[name] = previous
             continue
         verdict = _judge_unknown(directory, name, info, run_id)
@@ -228,7 +229,7 @@ def load_index(
             kept.append(verdict)
             adopted.append(name)
         else:
-            set_aside[name] = {"reason": verdict, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+            set_aside[name] = {"reason": verdict, "size": info.st_size, "mtime_ns": info.st_mtime_ns, "run_filter": run_id}
             newly_set_aside[name] = verdict
     kept.sort(key=sort_key)
     unlisted = {**set_aside, **{name: {} for name in pending}}

@@ -53,8 +53,10 @@ class IndexedReader:
             self._aside = state.set_aside
         else:
             self._write(state.entries, state.pending, state)
-        if description not in self._warned:
-            self._warned.add(description)
+        # Read-only, the same repair is redone on every call: say it once per instance.
+        seen = repr((state.rebuilt_because, state.missing, state.invalid, state.adopted))
+        if state.newly_set_aside or seen not in self._warned:
+            self._warned.add(seen)
             where = "in memory (read-only)" if self.read_only else "and saved"
             warnings.warn(
                 f"engine_kit: rebuilt the checkpoint index of {self.path!r} {where}: {description}. No checkpoint file was deleted.",
@@ -64,6 +66,10 @@ class IndexedReader:
 
     def _write(self, entries: list[RegistryEntry], pending: list[str], state: IndexState, next_order: int | None = None) -> None:
         write_registry(self.path, entries, pending, set_aside=state.set_aside, next_order=next_order or state.next_order)
+
+    def excluded_files(self) -> dict[str, str]:
+        """Checkpoint-named files kept in the directory but not indexed (set aside), with the reason for each."""
+        return {name: str(info.get("reason", "?")) for name, info in self._index().set_aside.items()}
 
     def entries(self) -> list[RegistryEntry]:
         """The indexed checkpoints, sorted by step then creation order (oldest first).
@@ -86,38 +92,43 @@ class IndexedReader:
             raise CheckpointCorruptError(fix_message(f"{path!r} is missing.", "fall back to an older checkpoint.")) from exc
         return path
 
-    def _note_digest_drift(self, entry: RegistryEntry, sha256: str, size: int) -> None:
+    def _note_digest_drift(self, entry: RegistryEntry, sha256: str, size: int) -> RegistryEntry:
         """The file verifies but the index held another digest: the file wins; fix the index."""
         warnings.warn(
             f"engine_kit: {entry.name} verifies but the index recorded sha256 {entry.sha256[:12]}... "
             f"(the file has {sha256[:12]}...); the file is used and the index corrected.",
-            stacklevel=4,
+            stacklevel=5,
         )
-        if self.read_only:
-            return
-        state = self._index()
-        fixed = [dataclasses.replace(e, sha256=sha256, size=size) if e.name == entry.name else e for e in state.entries]
-        self._write(fixed, state.pending, state)
+        fixed = dataclasses.replace(entry, sha256=sha256, size=size)
+        if not self.read_only:
+            state = self._index()
+            self._write([fixed if e.name == entry.name else e for e in state.entries], state.pending, state)
+        return fixed
 
-    def _verified(self, entry: RegistryEntry) -> CheckpointRecord | None:
+    def _verified(self, entry: RegistryEntry) -> tuple[RegistryEntry, CheckpointRecord | None]:
+        """Verify an entry's file (streaming); the entry as the file proves it, and the record."""
         info = verify_checkpoint_file(self._path_of(entry))
         if info.sha256 != entry.sha256:
-            self._note_digest_drift(entry, info.sha256, info.size_bytes)
-        return info.record
+            entry = self._note_digest_drift(entry, info.sha256, info.size_bytes)
+        return entry, info.record
 
-    def _loaded(self, entry: RegistryEntry, map_location: Any) -> dict[str, Any]:
-        payload, _record, sha256 = load_verified(self._path_of(entry), map_location)
+    def _loaded(self, entry: RegistryEntry, map_location: Any) -> tuple[RegistryEntry, dict[str, Any]]:
+        """Load an entry's file from the verified bytes; the entry as the file proves it, and the payload."""
+        path = self._path_of(entry)
+        payload, _record, sha256 = load_verified(path, map_location)
         if sha256 != entry.sha256:
-            self._note_digest_drift(entry, sha256, os.path.getsize(self._path_of(entry)))
-        return payload
+            entry = self._note_digest_drift(entry, sha256, os.path.getsize(path))
+        return entry, payload
 
-    def _newest(self, check: Callable[[RegistryEntry], Any], run_id: str | None) -> tuple[RegistryEntry, Any] | None:
+    def _newest(
+        self, check: Callable[[RegistryEntry], tuple[RegistryEntry, Any]], run_id: str | None
+    ) -> tuple[RegistryEntry, Any] | None:
         skipped = []
         found = None
         candidates = [entry for entry in self.entries() if run_id is None or entry.run_id == run_id]
         for entry in reversed(candidates):
             try:
-                found = (entry, check(entry))
+                found = check(entry)
                 break
             except CheckpointCorruptError as exc:
                 skipped.append(f"{entry.name} ({str(exc).split(' To fix:')[0]})")
@@ -157,7 +168,7 @@ class IndexedReader:
             CheckpointCorruptError: the file is missing, a symlink, altered,
                 truncated or carries code.
         """
-        return self._loaded(self._entry(entry_or_name), map_location)
+        return self._loaded(self._entry(entry_or_name), map_location)[1]
 
     def record(self, entry_or_name: RegistryEntry | str) -> CheckpointRecord | None:
         """The verified self-description of an indexed file (``None`` for a format-1 file).
@@ -166,5 +177,5 @@ class IndexedReader:
             ValueError: the name is not indexed.
             CheckpointCorruptError: the file does not verify.
         """
-        return self._verified(self._entry(entry_or_name))
+        return self._verified(self._entry(entry_or_name))[1]
 

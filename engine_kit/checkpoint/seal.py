@@ -25,7 +25,7 @@ from typing import IO, Any, BinaryIO
 
 from engine_kit.checkpoint.record import MAX_RECORD_BYTES, CheckpointRecord
 from engine_kit.checkpoint.regular import open_regular
-from engine_kit.errors import CheckpointCorruptError, NotARegularFileError, fix_message
+from engine_kit.errors import CheckpointCorruptError, fix_message
 
 MAGIC = b"EKCKPT1\0"
 TRAILER_SIZE = len(MAGIC) + 32 + 8
@@ -87,8 +87,6 @@ def open_checkpoint(path: str) -> tuple[BinaryIO, int]:
     """Open a regular file without blocking; return it and its size."""
     try:
         fileobj = open_regular(path, "checkpoint")
-    except NotARegularFileError as exc:
-        raise NotARegularFileError(str(exc).replace(" To fix:", " (not a checkpoint) To fix:", 1)) from None
     except OSError as exc:
         raise corrupt(path, f"it cannot be read ({exc!r})", "check that the file exists and the disk is healthy.") from exc
     return fileobj, os.fstat(fileobj.fileno()).st_size
