@@ -44,10 +44,12 @@ def prepare_run_directory(path: str | os.PathLike[str]) -> Path:
     """
     run_dir = Path(path)
     other = "pass another run directory"
-    if (run_dir.exists() or run_dir.is_symlink()) and not run_dir.is_dir():
-        raise _refuse(run_dir, f"it is {_describe(run_dir)}, not a directory", f"{other}, or move that away.")
     try:
+        if (run_dir.exists() or run_dir.is_symlink()) and not run_dir.is_dir():
+            raise _refuse(run_dir, f"it is {_describe(run_dir)}, not a directory", f"{other}, or move that away.")
         run_dir.mkdir(parents=True, exist_ok=True)
+    except RunDirectoryError:
+        raise
     except OSError as err:
         if err.errno == errno.ENAMETOOLONG:
             longest = max((len(part) for part in run_dir.parts), default=0)

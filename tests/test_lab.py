@@ -100,3 +100,100 @@ def test_report_command_regenerates_the_artifacts(lab_runs):
     assert result.returncode == 0, result.stderr
     assert (crashed / "summary.md").is_file() and (crashed / "curves.png").is_file()
     assert "resumed from" in (crashed / "summary.md").read_text()
+
+
+# -- run directory checked up front ---------------------------------------------------------------------
+def test_a_file_at_the_run_directory_fails_at_once_naming_the_path(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    cmd = [sys.executable, str(LAB), "--run-dir", str(blocker), "--quick", "--dataset", "digits"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"run directory '{blocker}': it is a regular file, not a directory" in result.stderr
+    assert "To fix:" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case", ["fifo", "parent is a file", "name too long", "not writable"])
+def test_prepare_run_directory_refuses_with_a_typed_error(tmp_path, monkeypatch, case):
+    import os
+    import tempfile
+
+    from engine_kit.errors import RunDirectoryError
+    from engine_kit.run_directory import prepare_run_directory
+
+    if case == "fifo":
+        path, expected = tmp_path / "pipe", "it is a FIFO, not a directory"
+        os.mkfifo(path)
+    elif case == "parent is a file":
+        (tmp_path / "file").write_text("x")
+        path, expected = tmp_path / "file" / "run", "one of its parents is a file"
+    elif case == "name too long":
+        path, expected = tmp_path / ("n" * 300), "the path is too long for the filesystem"
+    else:
+        path, expected = tmp_path / "ro", "it is not writable"
+        path.mkdir()
+        path.chmod(0o500)
+        if os.geteuid() == 0:  # root writes anywhere: simulate the read-only mount instead
+            def refuse(*args, **kwargs):
+                raise PermissionError(13, "Permission denied")
+            monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    with pytest.raises(RunDirectoryError, match="To fix:") as info:
+        prepare_run_directory(path)
+    assert str(path) in str(info.value) and expected in str(info.value)
+    assert isinstance(info.value, OSError)
+
+
+# -- --epochs changes on resume, preemption (slow: several lab runs) ---------------------------------------
+@pytest.mark.slow
+def test_epochs_changes_on_a_crashed_and_a_finished_run(lab_runs, tmp_path):
+    import shutil
+
+    straight, _, _, _ = lab_runs
+    grow = tmp_path / "grow"
+    run_lab(grow, "--crash-at-step", "14", expect=1)  # crashed in epoch 2 (checkpoint at step 12)
+    refused = subprocess.run(
+        [sys.executable, str(LAB), "--run-dir", str(grow), "--quick", "--dataset", "digits", "--seed", "3", "--epochs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode == 1 and "past the live max_epochs=1" in refused.stderr and "To fix:" in refused.stderr
+    assert not (grow / "summary.json").exists()  # no report of a metric from another step
+    extended = run_lab(grow, "--crash-at-step", "14", "--epochs", "3")
+    assert "run length changed from 2 to 3 epochs: the OneCycle schedule is rebuilt for 24 steps" in extended
+    summary = json.loads((grow / "summary.json").read_text())
+    run = json.loads((grow / "run.json").read_text())
+    assert summary["optimizer_steps"] == 24 and [h["epoch"] for h in run["val_history"]] == [1, 2, 3]
+    assert summary["final_metric"] == run["val_history"][-1]["accuracy"]  # measured at step 24
+    finished = tmp_path / "finished"
+    shutil.copytree(straight, finished)
+    extended = run_lab(finished, "--epochs", "3")
+    assert "rebuilt for 24 steps, continuing at step 16" in extended
+    assert json.loads((finished / "summary.json").read_text())["optimizer_steps"] == 24
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_lab_saves_exits_75_and_the_rerun_is_exact(lab_runs, tmp_path):
+    import signal
+
+    straight, _, _, _ = lab_runs
+    run_dir = tmp_path / "preempted"
+    cmd = [sys.executable, str(LAB), "--run-dir", str(run_dir), "--quick", "--dataset", "digits", "--seed", "3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1/2"):
+            proc.send_signal(signal.SIGTERM)  # in epoch 2, at an arbitrary micro-batch
+            break
+    output = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=300) == 75, output
+    assert "preempted by SIGTERM at optimizer step" in output and "Exit status 75" in output
+    from engine_kit.checkpoint import CheckpointDirectory
+
+    entry = CheckpointDirectory(run_dir / "checkpoints", read_only=True).newest_valid()
+    step = int(output.split("preempted by SIGTERM at optimizer step ")[1].split()[0].rstrip(";"))
+    assert entry.step == step and 8 <= step < 16  # a checkpoint at the window boundary after the signal
+    rerun = run_lab(run_dir)
+    assert "resumed from" in rerun
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((run_dir / "summary.json").read_text())
+    assert b["final_params_sha256"] == a["final_params_sha256"]
