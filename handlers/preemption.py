@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 from ignite.engine import Engine, Events
 
+from engine_kit.distributed import any_rank_every
+from engine_kit.engine import cleanup_handler
 from engine_kit.errors import fix_message
 from handlers.base import Handler
 from handlers.checkpoint import CheckpointRotation
@@ -34,16 +36,22 @@ PREEMPTED_EXIT_STATUS = 75
 _Handler = Callable[[int, Any], Any] | int | None
 
 
-def ranks_agree_to_stop(requested: bool) -> bool:
-    """Whether the run stops at this window boundary: one process decides alone.
+AGREE_EVERY_WINDOWS = 8
+"""Multi-process: how many optimizer windows apart the ranks compare their stop requests."""
 
-    TODO(distributed): under torchrun every rank must stop at the same step,
-    or the ranks that go on wait forever in their next collective. Replace this
-    with a collective "any rank was signalled" (an all-reduce of ``requested``
-    with MAX) run at every window boundary, so that all ranks save the same
-    step and stop together; rank 0 writes the checkpoint.
+
+def ranks_agree_to_stop(requested: bool, engine: Engine, *, at_epoch_end: bool = False) -> bool:
+    """Whether the run stops at this window boundary, the same answer on every rank.
+
+    Under torchrun a signal may reach the ranks at different windows (or only
+    one of them); a rank that stopped alone would leave the others waiting in
+    their next collective. So the ranks compare their flags (an all-reduce,
+    a host sync) every ``AGREE_EVERY_WINDOWS`` windows and at every epoch end,
+    points every rank reaches together: all save the same step and stop
+    together, at most that many windows after the signal. One process decides
+    alone, at once.
     """
-    return requested
+    return any_rank_every(requested, engine.state.windows, AGREE_EVERY_WINDOWS, now=at_epoch_end)
 
 
 class Preemption(Handler):
@@ -86,8 +94,8 @@ class Preemption(Handler):
         trainer.add_event_handler(Events.STARTED, self._install)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
-        for event in (Events.COMPLETED, Events.EXCEPTION_RAISED, Events.TERMINATE):
-            trainer.add_event_handler(event, self._restore)
+        trainer.add_event_handler(Events.COMPLETED, self._restore)
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, self._restore_after_error)
 
     # -- signals -----------------------------------------------------------
     def _install(self, engine: Engine) -> None:
@@ -105,6 +113,10 @@ class Preemption(Handler):
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
+    @cleanup_handler  # puts the handlers back; never decides the error's fate
+    def _restore_after_error(self, engine: Engine, error: BaseException) -> None:
+        self._restore()
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Only a flag here: the step, or a checkpoint being written, runs on undisturbed.
         self.requested = signal.Signals(signum).name
@@ -120,10 +132,10 @@ class Preemption(Handler):
             self._stop_if_requested(engine)
 
     def _on_epoch_completed(self, engine: Engine) -> None:
-        self._stop_if_requested(engine)  # the epoch's last window is closed and validated by now
+        self._stop_if_requested(engine, at_epoch_end=True)  # the epoch's last window is closed and validated by now
 
-    def _stop_if_requested(self, engine: Engine) -> None:
-        if not ranks_agree_to_stop(self.requested is not None):
+    def _stop_if_requested(self, engine: Engine, at_epoch_end: bool = False) -> None:
+        if not ranks_agree_to_stop(self.requested is not None, engine, at_epoch_end=at_epoch_end):
             return
         signame = self.requested or "a signal on another rank"
         saved = self.rotation.save_now(engine, reason=signame)

@@ -158,3 +158,19 @@ def test_outside_the_main_thread_the_run_warns_and_installs_nothing(tmp_path):
     thread.join(60)
     assert any("not in the main thread" in m for m in caught)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_error_in_the_run_still_propagates_and_the_handlers_come_back(tmp_path):
+    from engine_kit.errors import HandlerError
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = _trainer(tmp_path)
+
+    def fail(engine):
+        if engine.state.iteration == 3:
+            raise ValueError("boom")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, fail)
+    with pytest.raises(HandlerError, match="boom"):
+        trainer.run(regression_batches(16, 4), max_epochs=1)
+    assert signal.getsignal(signal.SIGTERM) == before
