@@ -40,3 +40,19 @@ def noop_engine() -> Engine:
 
 def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+def assert_same(a, b) -> None:
+    """Assert two nested structures (dicts, lists, tensors, plain values) are exactly equal."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b

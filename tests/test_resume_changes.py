@@ -24,6 +24,7 @@ from engine_kit.data_order import ResumableLoader
 from engine_kit.training_state import capture_training_state, restore_training_state
 from handlers import attach_scheduler
 from handlers.checkpoint import CheckpointRotation
+from tests.helpers import assert_same
 
 BASE = {
     "seed": 7, "batch_size": 4, "accumulation": 2, "precision": "fp32", "data_offset": 0.0, "loader": "resumable",
@@ -87,21 +88,6 @@ def snapshot(trainer, loader, scheduler):
         "trainer": dict(trainer.state_dict()),
         "loader": (loader.epoch, loader.consumed) if isinstance(loader, ResumableLoader) else None,
     })
-
-
-def assert_same(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    else:
-        assert a == b
 
 
 def resume_with(payload, strict=True, **changes):

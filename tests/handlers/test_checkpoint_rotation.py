@@ -22,7 +22,7 @@ from engine_kit.stateful import add_save_veto
 from engine_kit.training_state import capture_training_state, restore_training_state
 from handlers.checkpoint import CheckpointRotation
 from handlers.events import ValidationEvents, register_validation_events
-from tests.helpers import mlp, regression_batches
+from tests.helpers import assert_same, mlp, regression_batches
 
 ROOT = Path(__file__).resolve().parents[2]
 SCORES = [5, 2, 4, 3, 7, 1, 10, float("nan"), float("inf"), 2]
@@ -198,21 +198,6 @@ def test_load_then_save_round_trip_is_idempotent(tmp_path):
     again = capture_training_state(trainer)
     for section in ("model", "optimizer", "scaler", "trainer"):
         assert_same(payload[section], again[section])
-
-
-def assert_same(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    else:
-        assert a == b
 
 
 class _Boom:
