@@ -20,6 +20,7 @@ False
 from engine_kit.distributed.agreement import (
     agree,
     any_rank,
+    any_rank_every,
     barrier,
     check_same,
     decide,
@@ -41,6 +42,7 @@ __all__ = [
     "add_rank_states",
     "agree",
     "any_rank",
+    "any_rank_every",
     "barrier",
     "capture_rank_rng_state",
     "check_same",

@@ -172,6 +172,24 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def any_rank_every(flag: bool, count: int, every: int, *, now: bool = False) -> bool:
+    """:func:`any_rank` at a cadence: only when ``count % every == 0`` or ``now``; else False.
+
+    For a flag that only some rank may know (a signal delivered to one
+    process): ``count`` must advance identically on every rank (optimizer
+    windows, epochs), so that all ranks run the same collectives and reach the
+    same answer at the same point. With one process the flag is returned as is.
+
+    >>> any_rank_every(True, count=3, every=8), any_rank_every(True, count=8, every=8)
+    (True, True)
+    """
+    if not is_multiprocess():
+        return bool(flag)
+    if not now and count % every:
+        return False
+    return any_rank(flag)
+
+
 def barrier(timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S) -> None:
     """Wait for every rank; with gloo, fail after ``timeout_s`` naming the missing ranks.
 

@@ -1,4 +1,4 @@
-"""Resume a multi-process run: every rank from the one checkpoint rank 0 chose, or none does.
+"""Start and resume a multi-process run: every rank from the one checkpoint rank 0 chose, or none does.
 
 Steps, each ending on every rank with the same outcome (see
 :mod:`engine_kit.distributed.agreement`):
@@ -29,6 +29,8 @@ from ignite.engine import Engine
 from engine_kit.checkpoint import CheckpointDirectory, load_checkpoint_file, sha256_file
 from engine_kit.distributed.agreement import agree, check_same, decide, rank
 from engine_kit.distributed.rank_state import restore_own_rank_state
+from engine_kit.distributed.shared_dir import check_shared_directory
+from engine_kit.distributed.sharded import refuse_sharded_model
 from engine_kit.resume_checks import check_resume
 from engine_kit.training_state import restore_training_state
 
@@ -56,6 +58,17 @@ def _position(engine: Engine) -> dict[str, Any]:
         "optimizer_steps": int(getattr(state, "optimizer_steps", 0)),
         "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
     }
+
+
+def check_run_start(engine: Engine, dirname: str) -> None:
+    """At ``STARTED``, before any save or resume: what a multi-process ``CheckpointRotation`` needs.
+
+    A sharded (FSDP2) model is refused now rather than at the first save, and
+    every rank must see rank 0's checkpoint directory (a collective; this also
+    orders rank 0's ``mkdir`` before any other rank reads the directory).
+    """
+    refuse_sharded_model(engine.step.model)
+    check_shared_directory(dirname)
 
 
 def resume_every_rank(
