@@ -63,11 +63,14 @@ def _position(engine: Engine) -> dict[str, Any]:
 def check_run_start(engine: Engine, dirname: str) -> None:
     """At ``STARTED``, before any save or resume: what a multi-process ``CheckpointRotation`` needs.
 
-    A sharded (FSDP2) model is refused now rather than at the first save, and
-    every rank must see rank 0's checkpoint directory (a collective; this also
-    orders rank 0's ``mkdir`` before any other rank reads the directory).
+    A sharded (FSDP2) model is refused now rather than at the first save;
+    every rank must have as many batches per epoch (otherwise the ranks with
+    more wait forever in an all-reduce the others never join) and must see
+    rank 0's checkpoint directory (a collective; this also orders rank 0's
+    ``mkdir`` before any other rank reads the directory).
     """
     refuse_sharded_model(engine.step.model)
+    check_same("the number of batches per epoch (epoch_length)", engine.state.epoch_length)
     check_shared_directory(dirname)
 
 

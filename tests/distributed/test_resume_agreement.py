@@ -6,7 +6,8 @@ One spawn runs every case in order (starting processes dominates the cost):
 2. ``resume="auto"`` on both ranks: each gets its own stream back, and both the same step;
 3. rank 1's model does not fit the checkpoint: every rank raises, rank 0's model is untouched;
 4. rank 1's checkpoint directory lacks the file rank 0 chose: every rank raises, nothing applied;
-5. a checkpoint written by one process: refused on every rank, naming the world size.
+5. a checkpoint written by one process: refused on every rank, naming the world size;
+6. ranks with different numbers of batches per epoch: stopped at start, before any collective could hang.
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ def _worker(local_rank: int, tmp: str, single_process_checkpoint: str) -> None:
 
     model, trainer = _trainer(rank)
     result["world_size_1_to_2"] = _resume_outcome(trainer, model, shared, single_process_checkpoint)
+    model, trainer = _trainer(rank)
+    CheckpointRotation(os.path.join(tmp, "uneven"), every_steps=2).attach(trainer)
+    try:
+        trainer.run([(torch.randn(2, 4), torch.randn(2, 2))] * (4 - rank), max_epochs=1)  # 4 batches vs 3
+    except Exception as exc:  # the refusal, wrapped by the engine as a HandlerError
+        result["uneven"] = {"error": str(exc), "step": trainer.state.optimizer_steps}
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
@@ -136,3 +143,9 @@ def test_a_checkpoint_of_another_world_size_is_refused_naming_it(seen):
         outcome = r["world_size_1_to_2"]
         assert outcome["failures"] == [0, 1] and "world size" in outcome["error"]
         assert outcome["model_untouched"] and outcome["step"] == 0
+
+
+def test_ranks_with_different_numbers_of_batches_are_stopped_at_start_instead_of_hanging(seen):
+    for r in seen:
+        assert "rank 0: 4, rank 1: 3" in r["uneven"]["error"] and "batches per epoch" in r["uneven"]["error"]
+        assert r["uneven"]["step"] == 0
