@@ -110,6 +110,12 @@ def verify_command(path: str) -> int:
     """``engine-kit ckpt verify PATH``: a file, or every checkpoint of a directory."""
 
     def run() -> int:
+        if os.path.isfile(os.path.join(path, "MANIFEST.json")):
+            from engine_kit.distributed.sharded import verify_sharded  # a sharded (FSDP2) checkpoint
+
+            files = verify_sharded(path)["files"]
+            print(f"OK {path} (sharded: {len(files)} files, {human_size(sum(f['size'] for f in files.values()))}, every SHA-256 verified)")
+            return 0
         if os.path.isdir(path):
             return _check_directory(path)
         info = verify_checkpoint_file(path)
