@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -44,3 +45,59 @@ def test_inspect_summarizes_file_and_directory(tmp_path, capsys):
         assert needle in out, needle
     assert main(["ckpt", "inspect", str(tmp_path)]) == 0
     assert "1 registered" in capsys.readouterr().out
+
+
+def _directory_with(tmp_path, payloads):
+    from engine_kit.checkpoint import CheckpointDirectory
+
+    with CheckpointDirectory(tmp_path) as ckpts:
+        for step, payload in enumerate(payloads, start=1):
+            ckpts.commit(ckpts.next_name(step), payload, step=step, epoch=0)
+        return [tmp_path / entry.name for entry in ckpts.entries()]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"meta": "not a dict", "model": [1, 2]},
+        {"meta": {"created": "yesterday", "optimizer": "sgd", "metric": [1, 2], "epoch": {"x": 1}}},
+        {"meta": {"created": float("inf"), "optimizer_steps": -1}, "model": {"w": torch.ones(2), "n": 3}, "stateful": "x"},
+        {},
+    ],
+    ids=["meta-not-a-dict", "wrong-types", "odd-values", "empty"],
+)
+def test_inspect_never_tracebacks_on_odd_metadata(tmp_path, capsys, payload):
+    (path,) = _directory_with(tmp_path, [payload])
+    assert main(["ckpt", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"checkpoint {path}") and "record" in out and "Traceback" not in out
+
+
+def test_inspect_and_verify_of_a_directory_check_every_entry(tmp_path, capsys):
+    good, bad = _directory_with(tmp_path, [{"w": torch.ones(4)}, {"w": torch.zeros(4)}])
+    data = bytearray(bad.read_bytes())
+    data[40] ^= 0x01
+    bad.write_bytes(bytes(data))
+    for command in ("inspect", "verify"):
+        assert main(["ckpt", command, str(tmp_path)]) == 1
+        lines = capsys.readouterr().out.splitlines()
+        assert "2 registered, 1 valid" in lines[0]
+        assert [line for line in lines if good.name in line][0].endswith("valid")
+        assert "INVALID: " in [line for line in lines if bad.name in line][0]
+
+
+def test_repair_rebuilds_a_damaged_registry_and_says_what_it_did(tmp_path, capsys):
+    first, second = _directory_with(tmp_path, [{"w": torch.ones(1)}, {"w": torch.ones(2)}])
+    (tmp_path / "registry.json").write_text("garbage")
+    (tmp_path / "stray.ekpt").write_bytes(b"not a checkpoint")
+    assert main(["ckpt", "repair", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 checkpoint(s) indexed, no checkpoint file deleted" in out
+    assert "rebuilt registry.json" in out and "not JSON" in out
+    assert f"adopted verified files: ['{first.name}', '{second.name}']" in out
+    assert "set aside (kept in place, not indexed) stray.ekpt" in out
+    assert main(["ckpt", "repair", str(tmp_path)]) == 0
+    assert "nothing to repair" in capsys.readouterr().out
+    assert (tmp_path / "stray.ekpt").exists() and first.exists() and second.exists()
+    assert main(["ckpt", "repair", str(first)]) == 1
+    assert "is not a directory" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from engine_kit.checkpoint.directory import CheckpointDirectory
+from engine_kit.checkpoint.directory import CheckpointDirectory, RepairReport
 from engine_kit.checkpoint.fileformat import load_checkpoint_file, verify_checkpoint_file
 from engine_kit.checkpoint.registry import RegistryEntry
 from engine_kit.errors import CheckpointError
@@ -186,6 +186,17 @@ def inspect_command(path: str) -> int:
     return _guarded(path, run)
 
 
+def _report_lines(report: RepairReport) -> list[str]:
+    return [
+        *([f"rebuilt registry.json: it {report.rebuilt_because}"] if report.rebuilt_because else []),
+        *([f"dropped entries for missing files: {report.missing}"] if report.missing else []),
+        *(f"dropped entry: {reason}" for reason in report.invalid),
+        *([f"adopted verified files: {report.adopted}"] if report.adopted else []),
+        *(f"set aside (kept in place, not indexed) {name}: {reason}" for name, reason in sorted(report.set_aside.items())),
+        *([f"finished interrupted deletions: {report.finished}"] if report.finished else []),
+    ]
+
+
 def repair_command(path: str) -> int:
     """``engine-kit ckpt repair DIR``: rebuild the index from the files that verify, and say what changed."""
 
@@ -195,16 +206,9 @@ def repair_command(path: str) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the report below says it all, once
             with CheckpointDirectory(path, create=False) as directory:
-                report = directory.repair(full=True)
+                reports = [directory.repaired_at_open, directory.repair(full=True)]
                 count = len(directory.entries())
-        changes = [
-            *([f"rebuilt registry.json: it {report.rebuilt_because}"] if report.rebuilt_because else []),
-            *([f"dropped entries for missing files: {report.missing}"] if report.missing else []),
-            *(f"dropped entry: {reason}" for reason in report.invalid),
-            *([f"adopted verified files: {report.adopted}"] if report.adopted else []),
-            *(f"set aside (kept in place, not indexed) {name}: {reason}" for name, reason in sorted(report.set_aside.items())),
-            *([f"finished interrupted deletions: {report.finished}"] if report.finished else []),
-        ]
+        changes = [line for report in reports if report is not None for line in _report_lines(report)]
         print(f"repaired {os.path.abspath(path)}: {count} checkpoint(s) indexed, no checkpoint file deleted")
         print("\n".join(f"  {line}" for line in changes) if changes else "  nothing to repair: the index matches the files")
         return 0

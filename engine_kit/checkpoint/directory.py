@@ -109,6 +109,7 @@ class CheckpointDirectory(IndexedReader):
     ) -> None:
         super().__init__(path, read_only=read_only, run_id=run_id)
         self._lock: DirectoryLock | None = None
+        self.repaired_at_open: RepairReport | None = None  # what opening for writing repaired
         if read_only:
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(fix_message(f"Checkpoint directory {self.path!r} does not exist.", "check the path."))
@@ -119,7 +120,7 @@ class CheckpointDirectory(IndexedReader):
         try:
             # Only under the lock: a live writer's temp must never be swept.
             sweep_stale_temps(self.path)
-            self.repair(_stacklevel=4)
+            self.repaired_at_open = self.repair(_stacklevel=4)
         except BaseException:
             self.close()
             raise
