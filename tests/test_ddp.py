@@ -1,4 +1,4 @@
-"""DDP through ignite.distributed: no_sync on non-final micro-batches, same result as one process (acceptance 6)."""
+"""DDP and FSDP2 through ignite.distributed: no_sync on non-final micro-batches, same result as one process (acceptance 6)."""
 
 from __future__ import annotations
 
@@ -62,3 +62,37 @@ def test_two_gloo_processes_match_one_process_on_the_combined_batch(tmp_path):
         assert result["all_reduces_after_backward"] == [0, 0, 0, 1, 1, 1, 1, 2]
         for got, want in zip(result["params"], expected):
             assert torch.allclose(torch.tensor(got), want, atol=1e-6)
+
+
+def _uneven_shards(rank: int) -> list:
+    """Rank 0 takes the first ``cut`` samples of each combined batch, rank 1 the rest: uneven on purpose."""
+    cuts = [5, 2, 6, 3, 4, 7, 1, 5]
+    return [(x[:cut], y[:cut]) if rank == 0 else (x[cut:], y[cut:]) for (x, y), cut in zip(combined_batches(), cuts)]
+
+
+def _fsdp2_worker(local_rank, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    rank = idist.get_rank()
+    model = mlp(in_features=2, out=1)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = create_trainer(model, opt, F.mse_loss, accumulation_steps=ACCUMULATION, max_grad_norm=10.0)
+    trainer.run(_uneven_shards(rank), max_epochs=1)
+    params = [p.full_tensor().detach().tolist() for p in model.parameters()]
+    with open(f"{out_dir}/fsdp{rank}.json", "w") as f:
+        json.dump({"params": params, "steps": trainer.state.optimizer_steps}, f)
+
+
+def test_fsdp2_on_uneven_batches_matches_one_process_on_the_combined_batches(tmp_path):
+    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
+        parallel.run(_fsdp2_worker, str(tmp_path))
+    single = mlp(in_features=2, out=1)
+    trainer = create_trainer(single, torch.optim.SGD(single.parameters(), lr=0.1), F.mse_loss,
+                             accumulation_steps=ACCUMULATION, max_grad_norm=10.0)
+    trainer.run(combined_batches(), max_epochs=1)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"fsdp{rank}.json").read_text())
+        assert result["steps"] == 2
+        for got, want in zip(result["params"], single.parameters()):
+            assert torch.allclose(torch.tensor(got), want.detach(), atol=1e-6, rtol=0)
