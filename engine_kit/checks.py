@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -107,6 +108,17 @@ def check_name(name: str, value: Any, example: str) -> str:
     return value
 
 
+def check_path(name: str, value: Any, example: str) -> str:
+    """``value`` as a ``str`` path (``str`` or ``os.PathLike``).
+
+    >>> check_path("run_dir", "runs/a", "runs/exp1")
+    'runs/a'
+    """
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise TypeError(fix_message(f"{name}={value!r} is not a path.", f"pass a path such as {example!r}."))
+    return os.fspath(value)
+
+
 def check_run_arguments(data: Any, max_epochs: Any, max_iters: Any, epoch_length: Any) -> None:
     """Refuse what ``Engine.run`` would accept silently or reject obscurely.
 
@@ -122,6 +134,13 @@ def check_run_arguments(data: Any, max_epochs: Any, max_iters: Any, epoch_length
     check_optional_int("max_epochs", max_epochs, minimum=1)
     check_optional_int("max_iters", max_iters, minimum=1)
     check_optional_int("epoch_length", epoch_length, minimum=1)
+    if max_epochs is not None and max_iters is not None:
+        raise ValueError(
+            fix_message(
+                f"max_epochs={max_epochs} and max_iters={max_iters} were both given.",
+                "pass one of them: max_epochs counts epochs, max_iters counts micro-batches.",
+            )
+        )
     if data is None:
         return
     if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
@@ -142,3 +161,46 @@ def check_run_arguments(data: Any, max_epochs: Any, max_iters: Any, epoch_length
                 "check the dataset and batch size (drop_last=True with fewer samples than a batch gives 0 batches).",
             )
         )
+
+
+def check_log_file(name: str, path: Any) -> str:
+    """A path a logger can append to, checked before the run: its directory exists and is
+    writable, and the path is not a directory or other non-file, nor a name too long.
+
+    Raises ``RunDirectoryError`` (an ``OSError``) naming the path, with "To fix".
+
+    >>> import os, tempfile
+    >>> check_log_file("path", os.path.join(tempfile.mkdtemp(), "steps.jsonl")).endswith("steps.jsonl")
+    True
+    """
+    # Imported here: the run-directory checks pull in the filesystem helpers only when a logger is built.
+    from engine_kit.errors import RunDirectoryError
+    from engine_kit.run_directory import prepare_run_directory
+
+    path = check_path(name, path, "runs/exp1/steps.jsonl")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) and not os.path.lexists(directory):
+        raise ValueError(
+            fix_message(
+                f"the directory of {name}={path!r} does not exist.",
+                f"create it first: os.makedirs({directory!r}, exist_ok=True).",
+            )
+        )
+    prepare_run_directory(directory)  # a file in the way, unwritable, too long: typed error naming it
+    base = os.path.basename(path)
+    try:
+        longest = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    if not base or len(os.fsencode(base)) > longest:
+        raise RunDirectoryError(
+            fix_message(
+                f"{name}={path!r}: the file name is empty or longer than the filesystem's {longest} bytes.",
+                "pass a shorter file name.",
+            )
+        )
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise RunDirectoryError(
+            fix_message(f"{name}={path!r} exists and is not a regular file.", "pass another path, or move that away.")
+        )
+    return path

@@ -271,6 +271,14 @@ class ResumableLoader:
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
+        from engine_kit.checks import check_bool, check_callable, check_optional_int
+
+        for flag, value in (("shuffle", shuffle), ("drop_last", drop_last), ("pin_memory", pin_memory),
+                            ("persistent_workers", persistent_workers), ("reseed_samples", reseed_samples)):
+            check_bool(flag, value)
+        check_callable("collate_fn", collate_fn, "collate_fn(list_of_samples) -> batch, or None")
+        check_callable("worker_init_fn", worker_init_fn, "worker_init_fn(worker_id) -> None, or None")
+        check_optional_int("prefetch_factor", prefetch_factor, minimum=1)
         replicas = _resolve_replicas(num_replicas, rank)
         self._plan = _Plan(_dataset_length(dataset), batch_size, seed, bool(shuffle), bool(drop_last), *replicas)
         _check_int("num_workers", num_workers, 0)

@@ -83,6 +83,12 @@ class GuardedEngine(Engine):
     2
     """
 
+    def _assert_allowed_event(self, event_name: Any) -> None:
+        # ignite names the class in this message; to the user this is ignite's Engine.
+        if event_name not in self._allowed_events:
+            self.logger.error(f"attempt to add event handler to an invalid event {event_name}")
+            raise ValueError(f"Event {event_name} is not a valid event for this Engine.")
+
     def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
         # ignite's loop, with each call guarded; no per-call debug formatting.
         self.last_event_name = event_name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Any, Callable, ContextManager
 
 import ignite.distributed as idist
@@ -40,6 +41,39 @@ def _check_loss(loss: Any) -> None:
                 "the loss does not require grad: it was computed without autograd "
                 "(under torch.no_grad(), or from detached tensors or frozen parameters).",
                 "compute the loss from the model's output inside loss_fn, with gradients enabled.",
+            )
+        )
+
+
+def _check_prepared(prepared: Any) -> None:
+    if isinstance(prepared, (tuple, list)) and len(prepared) == 2:
+        return
+    shown = type(prepared).__name__ + (f" of length {len(prepared)}" if isinstance(prepared, (tuple, list)) else "")
+    raise TypeError(
+        fix_message(
+            f"prepare_batch returned a {shown}, not an (x, y) pair.",
+            "return (inputs, targets) from prepare_batch(batch, device, non_blocking).",
+        )
+    )
+
+
+def _check_samples(num_samples: Any) -> None:
+    """Refuse a sample count that is not a positive finite number (tensors are checked once, in the reference)."""
+    if isinstance(num_samples, torch.Tensor):
+        return
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Real):
+        raise TypeError(
+            fix_message(
+                f"batch_size_fn returned {num_samples!r} (a {type(num_samples).__name__}), not a number.",
+                "return the number of samples (or tokens) of the batch as an int or a tensor.",
+            )
+        )
+    if not 0 < num_samples < math.inf:
+        what = "an empty batch (0 samples)" if num_samples == 0 else f"{num_samples} samples"
+        raise ValueError(
+            fix_message(
+                f"the batch counts {what}: its loss cannot be weighted into the window's mean.",
+                "drop empty batches from the loader, and make batch_size_fn return a positive finite count.",
             )
         )
 
@@ -116,8 +150,13 @@ class TrainStep:
 
     def __call__(self, engine: Engine, batch: Any) -> StepOutput:
         state = engine.state
-        x, y = self.prepare_batch(batch, self.device, self.non_blocking)
+        prepared = self.prepare_batch(batch, self.device, self.non_blocking)
+        if type(prepared) is not tuple or len(prepared) != 2:
+            _check_prepared(prepared)
+        x, y = prepared
         num_samples = self.batch_size_fn(x, y)
+        if type(num_samples) is not int or num_samples <= 0:  # the common case costs one comparison
+            _check_samples(num_samples)
         if state.window_position == 0:
             self._open_window(engine, num_samples)
         closes_window = state.window_position + 1 >= self._window_length

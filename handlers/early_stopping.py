@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from ignite.engine import Engine
 
+from engine_kit.checks import check_name
 from engine_kit.errors import fix_message
 from engine_kit.stateful import register_stateful
 from handlers.base import Handler, check_positive_int, check_state_keys
@@ -155,13 +156,7 @@ class EarlyStopping(Handler):
 
     def __init__(self, *, metric: str, patience: int, min_delta: float = 0.0, mode: str = "min") -> None:
         super().__init__()
-        if not isinstance(metric, str) or not metric:
-            raise ValueError(
-                fix_message(
-                    f"metric={metric!r} is not a non-empty string.", "name a validation metric, e.g. metric='val_loss'."
-                )
-            )
-        self.metric = metric
+        self.metric = check_name("metric", metric, "val_loss")
         self.checker = EarlyStopChecker(patience=patience, min_delta=min_delta, mode=mode)
 
     def attach(self, trainer: Engine) -> None:

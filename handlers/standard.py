@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine
 
+from engine_kit.checks import check_bool, check_int, check_name, check_optional_int, check_path
+from engine_kit.errors import fix_message
+from engine_kit.run_directory import prepare_run_directory
 from handlers.checkpoint import CheckpointRotation
 from handlers.doctor import Doctor
-from handlers.early_stopping import EarlyStopping
+from handlers.early_stopping import MODES, EarlyStopping
 from handlers.grad_norm import GradNormLogger
 from handlers.nan_guard import NanGuard
 from handlers.progress import ProgressBar
@@ -33,6 +35,21 @@ class StandardHandlers:
     progress: ProgressBar | None
     checkpoints: CheckpointRotation
     doctor: Doctor | None = None
+
+
+def _check_standard_options(
+    metric: Any, mode: Any, patience: Any, log_every: Any, keep_last: Any, keep_best: Any, progress: Any, doctor: Any
+) -> None:
+    # The options shared by several handlers, checked before the first one is attached.
+    check_name("metric", metric, "accuracy")
+    if mode not in MODES:
+        raise ValueError(fix_message(f"mode={mode!r} is not one of {MODES}.", "pass mode='max' for a score, 'min' for a loss."))
+    check_optional_int("patience", patience, minimum=1)
+    check_int("log_every", log_every, minimum=1, example=50)
+    check_int("keep_last", keep_last, minimum=0, example=2)
+    check_int("keep_best", keep_best, minimum=0, example=1)
+    check_bool("progress", progress)
+    check_bool("doctor", doctor)
 
 
 def attach_standard(
@@ -91,8 +108,9 @@ def attach_standard(
     >>> trainer.run(data, max_epochs=2).optimizer_steps, len(trainer.state.val_history)
     (6, 2)
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_standard_options(metric, mode, patience, log_every, keep_last, keep_best, progress, doctor)
+    # Checked and created before anything is attached: a bad path leaves the trainer untouched.
+    run_dir = prepare_run_directory(check_path("run_dir", run_dir, "runs/exp1"))
     validation = Validation(evaluator, val_loader, every_epochs=None if validate_every_steps else validate_every_epochs,
                             every_steps=validate_every_steps, train_data=train_data)
     validation.attach(trainer)

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
+from engine_kit.checks import check_log_file
+from engine_kit.engine import cleanup_handler
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful
@@ -94,19 +96,7 @@ class StepLog(Handler):
 
     def __init__(self, path: str | os.PathLike[str], *, flush_every: int = 50) -> None:
         super().__init__()
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(
-                fix_message(f"path={path!r} is not a path.", "pass a file path such as 'runs/exp1/steps.jsonl'.")
-            )
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise ValueError(
-                fix_message(
-                    f"the directory of path={os.fspath(path)!r} does not exist.",
-                    f"create it first: os.makedirs({directory!r}, exist_ok=True).",
-                )
-            )
-        self.path = os.fspath(path)
+        self.path = check_log_file("path", path)
         self.flush_every = check_positive_int("flush_every", flush_every, 50)
         self.step = 0  # the last step written to the file
         self.offset: int | None = None  # the file length after the last write (None: not opened yet)
@@ -203,6 +193,7 @@ class StepLog(Handler):
             self._file.close()
             self._file = None
 
+    @cleanup_handler  # flushes and closes: never swallows the run's error
     def _on_exception(self, engine: Engine, error: BaseException) -> None:
         self.close()
 

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
+from engine_kit.engine import cleanup_handler
+from engine_kit.run_directory import prepare_run_directory
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful
@@ -96,7 +98,8 @@ class TensorBoardLogger(Handler):
                     "pass a tensorboardX.SummaryWriter, or log_dir to let the logger create one.",
                 )
             )
-        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        # A bad directory fails here, naming the path, not as an OSError at the first flush.
+        self.log_dir = None if log_dir is None else os.fspath(prepare_run_directory(log_dir))
         self.log_every = check_positive_int("log_every", log_every, 50)
         self.last_step = 0
         self._writer = writer
@@ -226,6 +229,7 @@ class TensorBoardLogger(Handler):
             self._reopens += 1
             writer._filename_suffix = f"{self._suffix_base}.{self._reopens}"
 
+    @cleanup_handler  # flushes and closes: never swallows the run's error
     def _on_exception(self, engine: Engine, error: BaseException) -> None:
         self.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Iterable
 from typing import Any, Mapping
 
 import torch
@@ -174,6 +175,13 @@ class Validation(Handler):
             )
         if every_epochs is None and every_steps is None:
             every_epochs = 1
+        if not isinstance(loader, Iterable) or isinstance(loader, (str, bytes)):
+            raise TypeError(
+                fix_message(
+                    f"loader is a {type(loader).__name__}, not an iterable of batches.",
+                    "pass the validation DataLoader (shuffle=False) or a list of (x, y) batches.",
+                )
+            )
         reason = shuffle_reason(loader)
         if reason is not None:
             raise ValueError(
