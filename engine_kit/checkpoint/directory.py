@@ -96,6 +96,9 @@ class CheckpointDirectory(IndexedReader):
             :meth:`commit`/:meth:`remove` are refused.
         run_id: this run's identity; files the index does not list are
             adopted only when their record carries it. ``None``: any run.
+        lock_stale_after_s: take over another host's lock whose heartbeat
+            (refreshed by every commit) is older than this; ``None``: only
+            provably dead holders (see :mod:`engine_kit.checkpoint.lock`).
 
     Raises:
         CheckpointWriteError: (writable mode) the directory cannot be created
@@ -105,7 +108,13 @@ class CheckpointDirectory(IndexedReader):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, create: bool = True, read_only: bool = False, run_id: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        read_only: bool = False,
+        run_id: str | None = None,
+        lock_stale_after_s: float | None = None,
     ) -> None:
         super().__init__(path, read_only=read_only, run_id=run_id)
         self._lock: DirectoryLock | None = None
@@ -115,7 +124,7 @@ class CheckpointDirectory(IndexedReader):
                 raise FileNotFoundError(fix_message(f"Checkpoint directory {self.path!r} does not exist.", "check the path."))
             return
         self._check_writable(create)
-        self._lock = DirectoryLock(self.path)
+        self._lock = DirectoryLock(self.path, stale_after_s=lock_stale_after_s)
         self._lock.acquire()
         try:
             # Only under the lock: a live writer's temp must never be swept.
@@ -147,11 +156,13 @@ class CheckpointDirectory(IndexedReader):
                 )
             ) from exc
 
-    def _require_writable(self, action: str) -> None:
+    def _require_writable(self, action: str) -> DirectoryLock:
+        """The held lock; CheckpointWriteError when read-only or closed."""
         if self.read_only:
             raise CheckpointWriteError(fix_message(f"Cannot {action} in {self.path!r}: it was opened read_only=True.", "open it with read_only=False."))
         if self._lock is None or not self._lock.held:
             raise CheckpointWriteError(fix_message(f"Cannot {action} in {self.path!r}: it was closed.", "open a new CheckpointDirectory."))
+        return self._lock
 
     def close(self) -> None:
         """Release the writer lock (safe to call twice)."""
@@ -218,7 +229,7 @@ class CheckpointDirectory(IndexedReader):
                 FIFO) already sits at ``name``; it is left untouched.
             CheckpointWriteError: writing failed (the index and older files are untouched).
         """
-        self._require_writable("commit")
+        self._require_writable("commit").refresh()  # the heartbeat; refuses if another writer took the lock over
         validate_name(name)
         _check_count("step", step)
         _check_count("epoch", epoch)

@@ -2,13 +2,28 @@
 
 The lock is created exclusively (an ``O_CREAT | O_EXCL`` temp file holding
 the record, hard-linked to ``.ek-lock``; ``link`` fails if the lock exists)
-and holds JSON ``{"pid", "host", "start", "token"}``. Another writer is refused while the
-holder lives. A lock whose holder is gone (same host; pid not running, a
-zombie, or a pid reused by a process with another start time) is taken over
-with a warning. Takeover renames the stale file aside and checks that what
-it moved is still the stale lock, so two processes recovering at once cannot
-both end up "holding" it. A lock on another host cannot be checked and is
-always refused. The lock is released by :meth:`DirectoryLock.release`, or at
+and holds JSON ``{"pid", "host", "start", "token", "heartbeat",
+"elastic_run", "restart"}``. Another writer is refused while the holder
+lives. A lock whose holder is provably gone is taken over with a warning
+naming the evidence:
+
+- same host: the pid is not running, is a zombie, or was reused by a process
+  with another start time;
+- another host (a requeued pod, a restarted node), under ``torchrun``: the
+  holder recorded the same ``TORCHELASTIC_RUN_ID`` (the job's rendezvous id,
+  which must be unique per job: ``"none"``, torchrun's default, never counts)
+  and a lower ``TORCHELASTIC_RESTART_COUNT``: torchrun starts a new attempt
+  only after stopping every worker of the previous one;
+- another host, opted in with ``stale_after_s``: the holder's heartbeat (set at
+  acquire, refreshed by :meth:`DirectoryLock.refresh` on every commit at most
+  every ``HEARTBEAT_INTERVAL_S``) is older than that. Choose it well above
+  the longest time between two saves: a live writer that saves less often
+  than that loses its lock.
+
+Any other lock from another host is refused (it cannot be checked). Takeover
+renames the stale file aside and checks that what it moved is still the
+stale lock, so two processes recovering at once cannot both end up
+"holding" it. The lock is released by :meth:`DirectoryLock.release`, or at
 interpreter exit if the owner forgot.
 
 >>> import tempfile
@@ -28,7 +43,7 @@ import warnings
 import tempfile
 import weakref
 
-from engine_kit.checkpoint.atomic import fsync_directory, temp_prefix
+from engine_kit.checkpoint.atomic import atomic_write, fsync_directory, temp_prefix
 from engine_kit.checkpoint.regular import open_regular
 from engine_kit.errors import CheckpointWriteError, NotARegularFileError, fix_message
 
@@ -36,7 +51,38 @@ LOCK_NAME = ".ek-lock"
 # A lock file that is still empty or garbled this long after its last write
 # belongs to a writer killed between O_EXCL-create and write (a few bytes).
 _UNREADABLE_LOCK_GRACE_S = 60.0
-_MAX_LOCK_BYTES = 1 << 16  # a lock record is ~150 bytes
+_MAX_LOCK_BYTES = 1 << 16  # a lock record is ~250 bytes
+HEARTBEAT_INTERVAL_S = 30.0
+# torchrun's default rendezvous id: shared by unrelated jobs, so it proves nothing.
+_UNIQUE_RUN_IDS_ONLY = ("", "none")
+
+
+def _elastic_identity() -> tuple[str | None, int | None]:
+    """This process's torchrun job id and restart count (None outside torchrun)."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    try:
+        restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    except (KeyError, ValueError):
+        restart = None
+    return run, restart
+
+
+def _gone_from_another_host(holder: dict, stale_after_s: float | None) -> str | None:
+    """Why a lock written on another host provably has no live writer (None: it may have one)."""
+    run, restart = _elastic_identity()
+    held_restart = holder.get("restart")
+    if (
+        run not in (None, *_UNIQUE_RUN_IDS_ONLY)
+        and holder.get("elastic_run") == run
+        and isinstance(held_restart, int)
+        and restart is not None
+        and held_restart < restart
+    ):
+        return f"restart {held_restart} of torchrun job {run!r}, and this is restart {restart}"
+    heartbeat = holder.get("heartbeat")
+    if stale_after_s is not None and isinstance(heartbeat, (int, float)) and time.time() - heartbeat > stale_after_s:
+        return f"its last heartbeat is {time.time() - heartbeat:.0f} s old (stale_after_s={stale_after_s:g})"
+    return None
 
 
 def _start_time(pid: int) -> str | None:
@@ -89,11 +135,25 @@ class DirectoryLock:
 
     Args:
         directory: the directory to lock.
+        stale_after_s: take over a lock from another host whose heartbeat is
+            older than this (None: never by age; see the module docstring).
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, stale_after_s: float | None = None) -> None:
+        if stale_after_s is not None and (
+            isinstance(stale_after_s, bool) or not isinstance(stale_after_s, (int, float)) or not stale_after_s > HEARTBEAT_INTERVAL_S
+        ):
+            raise ValueError(
+                fix_message(
+                    f"stale_after_s={stale_after_s!r} must be a number of seconds above the {HEARTBEAT_INTERVAL_S:g} s heartbeat interval.",
+                    "pass None (never take over another host's lock by age) or e.g. 3600.",
+                )
+            )
         self.path = os.path.join(os.fspath(directory), LOCK_NAME)
+        self.stale_after_s = stale_after_s
         self._finalizer: weakref.finalize | None = None
+        self._record: dict | None = None
+        self._stale_reason = ""
 
     @property
     def held(self) -> bool:
@@ -109,7 +169,16 @@ class DirectoryLock:
             NotARegularFileError: a FIFO, directory or device sits at the lock's name.
         """
         token = uuid.uuid4().hex
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()), "token": token}
+        elastic_run, restart = _elastic_identity()
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "start": _start_time(os.getpid()),
+            "token": token,
+            "heartbeat": time.time(),
+            "elastic_run": elastic_run,
+            "restart": restart,
+        }
         content = json.dumps(record).encode("utf-8")
         for attempt in range(3):
             try:
@@ -127,6 +196,7 @@ class DirectoryLock:
                     fix_message(f"Cannot create the lock {self.path!r}: {exc!r}.", "make the directory writable.")
                 ) from exc
             self._finalizer = weakref.finalize(self, _release, self.path, token, os.getpid())
+            self._record = record
             return
         raise CheckpointWriteError(self._refusal(self._read()[1]))
 
@@ -186,14 +256,44 @@ class DirectoryLock:
             return raw, None
         return raw, holder if isinstance(holder, dict) else None
 
+    def refresh(self, *, min_interval_s: float = HEARTBEAT_INTERVAL_S) -> bool:
+        """Rewrite the held lock with a new heartbeat, if the last one is older than ``min_interval_s``.
+
+        Returns:
+            Whether the lock file was rewritten.
+
+        Raises:
+            CheckpointWriteError: the lock is not held, or the file now holds
+                another writer's record (it was taken over).
+        """
+        if not self.held or self._record is None:
+            raise CheckpointWriteError(fix_message(f"Cannot refresh {self.path!r}: this object does not hold it.", "acquire() it first."))
+        if time.time() - self._record["heartbeat"] < min_interval_s:
+            return False
+        _raw, holder = self._read()
+        if holder is None or holder.get("token") != self._record["token"]:
+            raise CheckpointWriteError(
+                fix_message(f"The lock {self.path!r} was taken over by another writer.", "stop this run: another one owns the directory now.")
+            )
+        record = {**self._record, "heartbeat": time.time()}
+        atomic_write(self.path, lambda fileobj: fileobj.write(json.dumps(record).encode("utf-8")))
+        self._record = record
+        return True
+
     def _is_stale(self, holder: dict | None) -> bool:
+        """Whether the holder is provably gone; the evidence is kept for the takeover warning."""
         if holder is None:
+            self._stale_reason = "an unreadable lock, untouched for over a minute"
             try:
                 return time.time() - os.lstat(self.path).st_mtime > _UNREADABLE_LOCK_GRACE_S
             except OSError:
                 return False
+        who = f"pid {holder.get('pid')} on {holder.get('host')}"
         if holder.get("host") != socket.gethostname():
-            return False
+            reason = _gone_from_another_host(holder, self.stale_after_s)
+            self._stale_reason = f"{who}: {reason}"
+            return reason is not None
+        self._stale_reason = f"{who}, which is no longer running"
         return not _holder_alive(holder.get("pid"), holder.get("start"))
 
     def _take_over(self, raw: bytes, holder: dict | None) -> bool:
@@ -216,8 +316,7 @@ class DirectoryLock:
             os.unlink(aside)
             return False
         os.unlink(aside)
-        who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "an unreadable lock"
-        warnings.warn(f"engine_kit: taking over the stale lock {self.path!r} left by {who}, which is no longer running.", stacklevel=4)
+        warnings.warn(f"engine_kit: taking over the stale lock {self.path!r} left by {self._stale_reason}.", stacklevel=4)
         return True
 
     def _refusal(self, holder: dict | None) -> str:
@@ -230,5 +329,6 @@ class DirectoryLock:
         return fix_message(
             f"Checkpoint directory {os.path.dirname(self.path)!r} is locked by {who}; two writers would corrupt its rotation.",
             f"stop the other run or close() its CheckpointDirectory, use read_only=True to inspect, "
+            f"pass lock_stale_after_s= to take over a lock whose heartbeat expired, "
             f"or, if that run is certainly dead, delete {self.path!r}.",
         )
