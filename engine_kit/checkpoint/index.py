@@ -178,6 +178,7 @@ def load_index(
     run_id: str | None = None,
     full: bool = False,
     known_aside: dict[str, dict[str, Any]] | None = None,
+    known_adopted: dict[str, tuple[int, int, RegistryEntry]] | None = None,
 ) -> IndexState:
     """Read the registry and reconcile it with the files (nothing on disk changes).
 
@@ -186,6 +187,9 @@ def load_index(
         run_id: adopt unlisted files only when their record carries this run.
         full: verify every listed file in full (digest and archive), not only its record.
         known_aside: set-aside files already judged (kept while unchanged).
+        known_adopted: files already verified and adopted by an earlier call
+            that could not persist them (read-only): name -> (size, mtime_ns,
+            entry), reused while the file is unchanged.
 
     Returns:
         The reconciled :class:`IndexState`.
@@ -224,7 +228,11 @@ def load_index(
         if unchanged and previous.get("run_filter") == run_id:  # judged under the same adoption rule
             set_aside[name] = previous
             continue
-        verdict = _judge_unknown(directory, name, info, run_id)
+        cached = (known_adopted or {}).get(name)
+        if cached and cached[:2] == (info.st_size, info.st_mtime_ns) and (run_id is None or cached[2].run_id == run_id):
+            verdict: RegistryEntry | str = cached[2]
+        else:
+            verdict = _judge_unknown(directory, name, info, run_id)
         if isinstance(verdict, RegistryEntry):
             kept.append(verdict)
             adopted.append(name)

@@ -39,18 +39,21 @@ class IndexedReader:
         if run_id is not None and not isinstance(run_id, str):
             raise TypeError(fix_message(f"run_id={run_id!r} is not a str.", "pass a string naming the run, or None."))
         self.run_id = run_id
-        self._aside: dict[str, dict[str, Any]] = {}  # read-only mode: judged files, not persisted
+        # Read-only mode cannot persist what it judged; remember it, so files are verified once per change.
+        self._aside: dict[str, dict[str, Any]] = {}
+        self._adopted: dict[str, tuple[int, int, RegistryEntry]] = {}
         self._warned: set[str] = set()
 
     # -- the index -------------------------------------------------------
     def _index(self, *, full: bool = False, stacklevel: int = 3) -> IndexState:
         """The reconciled index; persisted (writable) and warned about once when it changed."""
-        state = load_index(self.path, run_id=self.run_id, full=full, known_aside=self._aside)
+        state = load_index(self.path, run_id=self.run_id, full=full, known_aside=self._aside, known_adopted=self._adopted)
         if not state.changed:
             return state
         description = state.describe()
         if self.read_only:
             self._aside = state.set_aside
+            self._adopted = self._stat_adopted(state)
         else:
             self._write(state.entries, state.pending, state)
         # Read-only, the same repair is redone on every call: say it once per instance.
@@ -63,6 +66,17 @@ class IndexedReader:
                 stacklevel=stacklevel,
             )
         return state
+
+    def _stat_adopted(self, state: IndexState) -> dict[str, tuple[int, int, RegistryEntry]]:
+        adopted = {}
+        for entry in state.entries:
+            if entry.name in state.adopted:
+                try:
+                    info = os.lstat(os.path.join(self.path, entry.name))
+                except OSError:
+                    continue
+                adopted[entry.name] = (info.st_size, info.st_mtime_ns, entry)
+        return adopted
 
     def _write(self, entries: list[RegistryEntry], pending: list[str], state: IndexState, next_order: int | None = None) -> None:
         write_registry(self.path, entries, pending, set_aside=state.set_aside, next_order=next_order or state.next_order)

@@ -168,3 +168,24 @@ def test_set_aside_moves_newer_checkpoints_out_of_the_index(tmp_path: Path) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the subfolder is not looked into
         assert CheckpointDirectory(tmp_path, read_only=True).entries() == original[:1]
+
+
+def test_a_read_only_rebuild_verifies_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine_kit.checkpoint import index as index_module
+
+    original = _three_checkpoints(tmp_path)
+    (tmp_path / "stray.ekpt").write_bytes(b"junk")
+    (tmp_path / REGISTRY_NAME).unlink()
+    verified: list[str] = []
+    real = index_module.verify_checkpoint_file
+    monkeypatch.setattr(index_module, "verify_checkpoint_file", lambda path: verified.append(Path(path).name) or real(path))
+    reader = CheckpointDirectory(tmp_path, read_only=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            assert reader.entries() == original
+    assert sorted(verified) == sorted([e.name for e in original] + ["stray.ekpt"])
+    assert len(record) == 1  # one warning, however often the reader lists
+    (tmp_path / original[0].name).write_bytes(b"changed")  # a changed file is judged again
+    with pytest.warns(UserWarning, match="set aside"):
+        assert reader.entries() == original[1:]
