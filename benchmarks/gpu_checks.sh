@@ -1,21 +1,48 @@
 #!/usr/bin/env bash
-# Every GPU acceptance check in one command, for a CUDA machine:
-#   the *_gpu.py tests (bf16/fp16 steps, no host sync in bf16, fp16 overflow skip,
-#   unscaled grad-norm logging, bitwise resume with CUDA RNG and GradScaler state)
-#   and the lab in bf16 and fp16 (epoch times and accuracy for benchmarks/RESULTS.md).
-# Usage: bash benchmarks/gpu_checks.sh   (PY=python to pick the interpreter)
+# Every GPU acceptance check in one command, for a CUDA machine (about 6-8 minutes on an H100/H200):
+#   1. the GPU tests, tests/**/*_gpu.py: bf16/fp16 steps, no host sync in steady-state bf16
+#      iterations, fp16 overflow skip, unscaled grad-norm logging, bitwise resume with CUDA RNG
+#      and GradScaler state;
+#   2. benchmarks/run.py --device cuda: every model (mlp, cnn, resnet18, gpt) in bf16 and fp16,
+#      every runner, with peak memory and host syncs per iteration;
+# and prints the JSON and the tables that benchmarks/RESULTS.md records.
+#
+# Usage: bash benchmarks/gpu_checks.sh                 # on a CUDA machine
+#        bash benchmarks/gpu_checks.sh --device cpu    # proves the script on a CPU-only machine
+#                                                      # (GPU tests skip; CPU-sized benchmark)
+# Environment: PY (interpreter; default .venv/bin/python, else python3),
+#              GPU_CHECKS_DEVICE (cuda|cpu, same as --device), GPU_CHECKS_JSON (where the JSON goes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${PY:-python3}"
-echo "== $(date -u +%F) $($PY -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__)')"
-$PY -m pytest -q -p no:cacheprovider -m gpu tests
-for precision in bf16 fp16; do
-  echo "== lab --device cuda --precision $precision"
-  $PY examples/fashion_mnist.py --run-dir "runs/gpu-lab-$precision" --device cuda --precision "$precision"
-  $PY - "$precision" <<'PY'
-import json, sys
-s = json.load(open(f"runs/gpu-lab-{sys.argv[1]}/summary.json"))
-print(f"{sys.argv[1]}: dataset {s['dataset']}, best {s['metric']} {s['best_metric']:.4f}, "
-      f"epoch times {s['wall_time_per_epoch_s']}, {s['samples_per_s']} samples/s, skipped {s['skipped_steps']}")
+DEVICE="${GPU_CHECKS_DEVICE:-cuda}"
+if [[ "${1:-}" == "--device" && -n "${2:-}" ]]; then DEVICE="$2"; fi
+if [[ "$DEVICE" != "cuda" && "$DEVICE" != "cpu" ]]; then echo "--device must be cuda or cpu, not $DEVICE" >&2; exit 2; fi
+if [[ -z "${PY:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+JSON="${GPU_CHECKS_JSON:-benchmarks/results/$(date -u +%F)-$DEVICE-gpu-checks.json}"
+status=0
+
+echo "== $(date -u '+%F %T UTC') device=$DEVICE commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+$PY - <<'PY'
+import torch
+name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {name}")
 PY
-done
+
+echo "== GPU tests: $(find tests -name '*_gpu.py' | sort | tr '\n' ' ')"
+# shellcheck disable=SC2046
+$PY -m pytest -q -p no:cacheprovider -rs $(find tests -name '*_gpu.py' | sort) || status=1
+
+echo "== benchmarks/run.py --device $DEVICE"
+if [[ "$DEVICE" == "cuda" ]]; then
+  $PY benchmarks/run.py --device cuda --repeats 3 --json "$JSON" || status=1
+else
+  # The CPU proof: the same code path at a size that takes a minute or two.
+  $PY benchmarks/run.py --device cpu --only mlp --repeats 1 --epochs 1 --json "$JSON" || status=1
+fi
+
+echo "== JSON ($JSON)"
+cat "$JSON" 2>/dev/null || { echo "no JSON written"; status=1; }
+echo "== exit status $status"
+exit $status
