@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 from ignite.engine.events import RemovableEventHandle
+from ignite.handlers.param_scheduler import ParamGroupScheduler, ParamScheduler
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, ReduceLROnPlateau, SequentialLR
 
 from engine_kit.errors import fix_message
@@ -64,10 +65,16 @@ def _step_lr_scheduler(engine: Engine, scheduler: LRScheduler) -> None:
     scheduler.step()
 
 
-def attach_scheduler(trainer: Engine, scheduler: LRScheduler, *, name: str = "scheduler") -> RemovableEventHandle:
+def attach_scheduler(
+    trainer: Engine, scheduler: LRScheduler | ParamScheduler | ParamGroupScheduler, *, name: str = "scheduler"
+) -> RemovableEventHandle:
     """Step ``scheduler`` once per optimizer step of ``trainer``.
 
-    It runs on ``StepEvents.OPTIMIZER_STEP_COMPLETED``: after the optimizer
+    An ignite ``ParamScheduler`` (``PiecewiseLinear``, ``LRScheduler``,
+    ``create_lr_scheduler_with_warmup(...)``, ...) runs on
+    ``StepEvents.STEP_STARTED``, before the step that uses its value, as ignite
+    runs it on ``ITERATION_STARTED``. A torch scheduler runs on
+    ``StepEvents.OPTIMIZER_STEP_COMPLETED``: after the optimizer
     stepped (so PyTorch's "``lr_scheduler.step()`` before ``optimizer.step()``"
     warning cannot appear), once per accumulation window rather than per
     micro-batch, and not on fp16 steps that GradScaler skipped. The scheduler
@@ -94,6 +101,12 @@ def attach_scheduler(trainer: Engine, scheduler: LRScheduler, *, name: str = "sc
     >>> round(opt.param_groups[0]["lr"], 6)
     0.025
     """
+    if isinstance(scheduler, (ParamScheduler, ParamGroupScheduler)):
+        name = _check_name(name)
+        require_step_events(trainer, "attach_scheduler", subject="the scheduler")
+        _claim_scheduler(trainer, scheduler)
+        register_stateful(trainer, name, scheduler)
+        return trainer.add_event_handler(StepEvents.STEP_STARTED, scheduler)
     if isinstance(scheduler, ReduceLROnPlateau):
         raise TypeError(
             fix_message(

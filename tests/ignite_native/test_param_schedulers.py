@@ -19,6 +19,8 @@ from ignite.handlers import (
 import engine_kit.trainer as trainer_module
 from engine_kit import StepEvents, create_trainer
 from engine_kit.precision import Precision
+from engine_kit.stateful import stateful_objects
+from handlers import attach_scheduler
 from tests.helpers import mlp, regression_batches
 
 SCHEDULERS = {
@@ -92,6 +94,19 @@ def test_param_scheduler_on_iteration_events_warns_and_advances_per_step(event):
         assert used == pytest.approx(reference)
     else:  # ignite's ITERATION_COMPLETED convention: one step later, but once per step
         assert used[1:] == pytest.approx(reference[:-1])
+
+
+def test_attach_scheduler_runs_an_ignite_scheduler_on_step_started():
+    micro = regression_batches(64, 4)
+    model = mlp(in_features=2, out=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = create_trainer(model, optimizer, F.mse_loss, accumulation_steps=4)
+    scheduler = SCHEDULERS["create_lr_scheduler_with_warmup"](optimizer)
+    attach_scheduler(trainer, scheduler)
+    used = lrs_used_by_updates(optimizer)
+    trainer.run(micro, max_epochs=2)
+    assert used == pytest.approx(engine_kit_lrs(SCHEDULERS["create_lr_scheduler_with_warmup"], micro, epochs=2))
+    assert stateful_objects(trainer)["scheduler"] is scheduler  # saved with checkpoints
 
 
 def test_no_warning_at_accumulation_1():
