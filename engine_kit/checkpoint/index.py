@@ -122,12 +122,6 @@ def _entry_disagreement(entry: RegistryEntry, record: CheckpointRecord | None, s
     return None
 
 
-def _entry_from(name: str, sha256: str, size: int, record: CheckpointRecord) -> RegistryEntry:
-    return RegistryEntry(
-        name, sha256, size, record.step, record.epoch, record.tags, record.metric, record.created, record.order, record.run_id
-    )
-
-
 def _judge_unknown(directory: str, name: str, info: os.stat_result, run_id: str | None) -> RegistryEntry | str:
     """Adopt a file the index does not list (its entry), or say why it is set aside."""
     if not stat.S_ISREG(info.st_mode):
@@ -143,7 +137,7 @@ def _judge_unknown(directory: str, name: str, info: os.stat_result, run_id: str 
         return f"its record names it {record.name!r} (renamed or copied)"
     if run_id is not None and record.run_id != run_id:
         return f"it belongs to run {record.run_id!r}, not {run_id!r}"
-    return _entry_from(name, verified.sha256, verified.size_bytes, record)
+    return RegistryEntry.from_record(record, verified.sha256, verified.size_bytes)
 
 
 def _max_order_on_disk(directory: str, names: list[str], unlisted: dict[str, dict[str, Any]]) -> int:

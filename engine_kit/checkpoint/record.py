@@ -88,6 +88,39 @@ def require_run_id(value: object) -> str | None:
     return value
 
 
+# What a file's record and its index entry both say about a checkpoint.
+SHARED_FIELDS = ("name", "step", "epoch", "order", "tags", "metric", "run_id", "created")
+
+
+def shared_to_json(described: Any) -> dict[str, Any]:
+    """The :data:`SHARED_FIELDS` of a record or index entry as JSON-safe values."""
+    document = {field: getattr(described, field) for field in SHARED_FIELDS}
+    document["tags"] = list(described.tags)
+    document["metric"] = encode_metric(described.metric)
+    return document
+
+
+def shared_from_json(document: dict[str, Any], *, order_default: Any = ...) -> dict[str, Any]:
+    """Validated keyword arguments for the :data:`SHARED_FIELDS`; ValueError with the reason otherwise.
+
+    >>> shared_from_json({"name": "a.ekpt", "step": 1, "epoch": 0, "order": 2})["order"]
+    2
+    """
+    name = document.get("name")
+    if not isinstance(name, str):
+        raise ValueError(f"name {name!r} is not a string")
+    return {
+        "name": name,
+        "step": require_count(document, "step"),
+        "epoch": require_count(document, "epoch"),
+        "order": require_count(document, "order", order_default),
+        "tags": require_tags(document.get("tags", [])),
+        "metric": decode_metric(document.get("metric")),
+        "run_id": require_run_id(document.get("run_id")),
+        "created": require_time(document.get("created", 0.0)),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointRecord:
     """What a checkpoint file says about itself.
@@ -114,17 +147,7 @@ class CheckpointRecord:
 
     def to_bytes(self) -> bytes:
         """Compact, canonical JSON (sorted keys) for sealing into the file."""
-        document = {
-            "record_version": RECORD_FORMAT_VERSION,
-            "name": self.name,
-            "step": self.step,
-            "epoch": self.epoch,
-            "order": self.order,
-            "tags": list(self.tags),
-            "metric": encode_metric(self.metric),
-            "run_id": self.run_id,
-            "created": self.created,
-        }
+        document = {"record_version": RECORD_FORMAT_VERSION, **shared_to_json(self)}
         return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
     @classmethod
@@ -141,16 +164,7 @@ class CheckpointRecord:
         version = document.get("record_version")
         if version != RECORD_FORMAT_VERSION:
             raise ValueError(f"its record has record_version={version!r}; this engine_kit reads {RECORD_FORMAT_VERSION}")
-        name = document.get("name")
-        if not isinstance(name, str):
-            raise ValueError(f"its record's name {name!r} is not a string")
-        return cls(
-            name=name,
-            step=require_count(document, "step"),
-            epoch=require_count(document, "epoch"),
-            order=require_count(document, "order"),
-            tags=require_tags(document.get("tags", [])),
-            metric=decode_metric(document.get("metric")),
-            run_id=require_run_id(document.get("run_id")),
-            created=require_time(document.get("created", 0.0)),
-        )
+        try:
+            return cls(**shared_from_json(document))
+        except ValueError as exc:
+            raise ValueError(f"its record is invalid: {exc}") from exc

@@ -50,14 +50,7 @@ import warnings
 from typing import Any, NamedTuple
 
 from engine_kit.checkpoint.atomic import atomic_write
-from engine_kit.checkpoint.record import (
-    decode_metric,
-    encode_metric,
-    require_count,
-    require_run_id,
-    require_tags,
-    require_time,
-)
+from engine_kit.checkpoint.record import SHARED_FIELDS, CheckpointRecord, require_count, shared_from_json, shared_to_json
 from engine_kit.checkpoint.regular import open_regular
 from engine_kit.errors import CheckpointCorruptError, fix_message
 
@@ -166,41 +159,23 @@ class RegistryEntry:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (non-finite metrics as strings)."""
-        return {
-            "name": self.name,
-            "sha256": self.sha256,
-            "size": self.size,
-            "step": self.step,
-            "epoch": self.epoch,
-            "tags": list(self.tags),
-            "metric": encode_metric(self.metric),
-            "created": self.created,
-            "order": self.order,
-            "run_id": self.run_id,
-        }
+        return {**shared_to_json(self), "sha256": self.sha256, "size": self.size}
 
     @classmethod
     def from_json(cls, obj: object) -> RegistryEntry:
         """Parse and validate one entry; ValueError with the reason otherwise."""
         if not isinstance(obj, dict):
             raise ValueError(f"entry {obj!r} is not an object")
-        name = obj.get("name")
-        validate_name(name)
+        validate_name(obj.get("name"))
         sha = obj.get("sha256")
         if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
             raise ValueError(f"sha256 {sha!r} is not 64 lowercase hex digits")
-        return cls(
-            name=name,  # type: ignore[arg-type]  # validated above
-            sha256=sha,
-            size=require_count(obj, "size"),
-            step=require_count(obj, "step"),
-            epoch=require_count(obj, "epoch"),
-            tags=require_tags(obj.get("tags", [])),
-            metric=decode_metric(obj.get("metric")),
-            created=require_time(obj.get("created", 0.0)),
-            order=require_count(obj, "order", 0),
-            run_id=require_run_id(obj.get("run_id")),
-        )
+        return cls(sha256=sha, size=require_count(obj, "size"), **shared_from_json(obj, order_default=0))
+
+    @classmethod
+    def from_record(cls, record: CheckpointRecord, sha256: str, size: int) -> RegistryEntry:
+        """The index entry of a verified file: its record plus its digest and size."""
+        return cls(sha256=sha256, size=size, **{field: getattr(record, field) for field in SHARED_FIELDS})
 
 
 def sort_key(entry: RegistryEntry) -> tuple[int, int, float]:
