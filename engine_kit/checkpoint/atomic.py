@@ -1,14 +1,17 @@
 """Atomic file replacement: a final name only ever holds complete, durable bytes.
 
-The write path (RELIABILITY.md, normative):
+The write path:
 
 1. ``mkstemp`` in the *same* directory as the final name, with an engine_kit
    name (``.ek-tmp-<pid>-<random>``), write, ``flush``, ``os.fsync(file)``.
-2. ``os.replace(tmp, final)``, then ``fsync`` the directory.
+2. ``os.replace(tmp, final)`` (the index), or for a name that must never be
+   replaced (a checkpoint) ``os.link(tmp, final)``, which fails if anything
+   is there, then unlink the temp; then ``fsync`` the directory.
 
 Any failure on the way removes the temp file and raises
 :class:`~engine_kit.errors.CheckpointWriteError`; the final name keeps its
-old content (or stays absent).
+old content (or stays absent). A directory, FIFO or device at the final
+name is refused up front with a message that says so.
 
 Symlink policy: if the final name is a symlink, :func:`atomic_write` refuses.
 ``os.replace`` would only swap the link itself (never write through it), so

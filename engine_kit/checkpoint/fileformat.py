@@ -175,7 +175,7 @@ def seal_archive_file(path: str | os.PathLike[str], record: CheckpointRecord) ->
     record_bytes = record.to_bytes()
     digest.update(record_bytes)
     trailer = trailer_v2(digest, archive_length, len(record_bytes))
-    with open(path, "ab") as fileobj:
+    with open_regular(path, append=True) as fileobj:
         fileobj.write(record_bytes + trailer)
     whole = digest.copy()
     whole.update(trailer)

@@ -61,14 +61,15 @@ def not_regular_error(path: str, mode: int, role: str = "file") -> NotARegularFi
     )
 
 
-def open_regular(path: str | os.PathLike[str], role: str = "file") -> BinaryIO:
-    """Open ``path`` for binary reading if, and only if, it is a regular file.
+def open_regular(path: str | os.PathLike[str], role: str = "file", *, append: bool = False) -> BinaryIO:
+    """Open ``path`` for binary reading (or appending) if, and only if, it is a regular file.
 
     Args:
         path: the file (a symlink is followed; callers that must not follow
             one ``lstat`` first).
         role: what the caller expects there ("checkpoint", "registry",
             "lock"), used in the error message.
+        append: open for appending instead of reading (the file must exist).
 
     Returns:
         A buffered binary file object (blocking mode restored).
@@ -79,7 +80,8 @@ def open_regular(path: str | os.PathLike[str], role: str = "file") -> BinaryIO:
     """
     path = os.fspath(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        access = os.O_WRONLY | os.O_APPEND if append else os.O_RDONLY
+        fd = os.open(path, access | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         # Opening a Unix socket fails with ENXIO; say what it is rather than "no such device".
         if exc.errno == errno.ENXIO:
@@ -91,7 +93,7 @@ def open_regular(path: str | os.PathLike[str], role: str = "file") -> BinaryIO:
             raise not_regular_error(path, mode, role)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-        return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "ab" if append else "rb")
     except BaseException:
         os.close(fd)
         raise
