@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ignite.contrib.engines.common import setup_common_training_handlers
-from ignite.engine import Engine, Events
+from ignite.engine import Events
 from ignite.handlers import EarlyStopping, FastaiLRFinder, ProgressBar, TensorboardLogger, TerminateOnNan
 from ignite.handlers.tensorboard_logger import OutputHandler
 from ignite.metrics import RunningAverage
 
 from engine_kit import StepEvents, create_evaluator, create_trainer
 from tests.helpers import mlp, regression_batches
+from tests.ignite_native.common import lrs_used_by_updates, plain_ignite_trainer
 
 
 def make(accumulation=1, clip=None, lr=0.1):
@@ -88,12 +89,6 @@ def test_ignite_tensorboard_logger_on_optimizer_steps(tmp_path):
     assert any(path.name.startswith("events.out") for path in tmp_path.iterdir())
 
 
-def lrs_used_by_updates(optimizer):
-    used = []
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
-    return used
-
-
 def run_finder(trainer, model, optimizer, output_transform):
     finder = FastaiLRFinder()
     with warnings.catch_warnings():
@@ -122,16 +117,8 @@ def test_lr_finder_at_accumulation_4_reports_only_learning_rates_that_updates_us
     # The same property on a plain ignite trainer, for comparison.
     plain_model = mlp(in_features=2, out=1)
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.1)
-
-    def update(engine, batch):
-        plain_opt.zero_grad()
-        loss = F.mse_loss(plain_model(batch[0]), batch[1])
-        loss.backward()
-        plain_opt.step()
-        return loss.item()
-
     plain_used = lrs_used_by_updates(plain_opt)
-    plain_reported = run_finder(Engine(update), plain_model, plain_opt, lambda out: out)
+    plain_reported = run_finder(plain_ignite_trainer(plain_model, plain_opt), plain_model, plain_opt, lambda out: out)
     assert set(plain_reported[:-1]) <= set(plain_used) and plain_reported[-1] not in plain_used
 
 

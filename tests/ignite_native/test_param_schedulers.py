@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine, Events
+from ignite.engine import Events
 from ignite.handlers import (
     CosineAnnealingScheduler,
     LRScheduler,
@@ -22,6 +22,7 @@ from engine_kit.precision import Precision
 from engine_kit.stateful import stateful_objects
 from handlers import attach_scheduler
 from tests.helpers import mlp, regression_batches
+from tests.ignite_native.common import lrs_used_by_updates, plain_ignite_trainer
 
 SCHEDULERS = {
     "PiecewiseLinear": lambda opt: PiecewiseLinear(opt, "lr", [(0, 0.0), (4, 0.1), (10, 0.01)]),
@@ -33,24 +34,10 @@ SCHEDULERS = {
 }
 
 
-def lrs_used_by_updates(optimizer):
-    used = []
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
-    return used
-
-
 def plain_ignite_lrs(make_scheduler, batches, epochs):
     model = mlp(in_features=2, out=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def update(engine, batch):
-        optimizer.zero_grad()
-        loss = F.mse_loss(model(batch[0]), batch[1])
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    trainer = Engine(update)
+    trainer = plain_ignite_trainer(model, optimizer)
     trainer.add_event_handler(Events.ITERATION_STARTED, make_scheduler(optimizer))
     used = lrs_used_by_updates(optimizer)
     trainer.run(batches, max_epochs=epochs)
