@@ -400,7 +400,7 @@ class CheckpointDirectory(IndexedReader):
             A :class:`RepairReport` of what changed.
         """
         self._require_writable("repair")
-        state = self._index(full=full, stacklevel=_stacklevel + 1)
+        state = self._index(full=full, stacklevel=_stacklevel + 1, strict=True)
         finished = [name for name in state.pending if self._unlink_regular(name)]
         if finished:
             self._write(state.entries, [], state)

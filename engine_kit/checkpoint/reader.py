@@ -21,7 +21,7 @@ from engine_kit.checkpoint.fileformat import load_verified, verify_checkpoint_fi
 from engine_kit.checkpoint.index import IndexState, load_index
 from engine_kit.checkpoint.record import CheckpointRecord
 from engine_kit.checkpoint.registry import RegistryEntry, resolve_inside, validate_name, write_registry
-from engine_kit.errors import CheckpointCorruptError, fix_message
+from engine_kit.errors import CheckpointCorruptError, CheckpointWriteError, fix_message
 
 
 class IndexedReader:
@@ -45,24 +45,37 @@ class IndexedReader:
         self._warned: set[str] = set()
 
     # -- the index -------------------------------------------------------
-    def _index(self, *, full: bool = False, stacklevel: int = 3) -> IndexState:
-        """The reconciled index; persisted (writable) and warned about once when it changed."""
+    def _index(self, *, full: bool = False, stacklevel: int = 3, strict: bool = False) -> IndexState:
+        """The reconciled index; persisted (writable) and warned about once when it changed.
+
+        Args:
+            full: verify every listed file in full.
+            stacklevel: where the warning points.
+            strict: raise when the repaired index cannot be saved (opening and
+                ``repair``); otherwise a listing still answers from memory and
+                the warning says the index could not be saved.
+        """
         state = load_index(self.path, run_id=self.run_id, full=full, known_aside=self._aside, known_adopted=self._adopted)
         if not state.changed:
             return state
-        description = state.describe()
-        if self.read_only:
+        where = "in memory (read-only)"
+        if not self.read_only:
+            try:
+                self._write(state.entries, state.pending, state)
+                where = "and saved"
+            except CheckpointWriteError as exc:
+                if strict:
+                    raise
+                where = f"in memory (saving it failed: {str(exc).split(' To fix:')[0]})"
+        if where != "and saved":
             self._aside = state.set_aside
             self._adopted = self._stat_adopted(state)
-        else:
-            self._write(state.entries, state.pending, state)
-        # Read-only, the same repair is redone on every call: say it once per instance.
+        # Unsaved, the same repair is redone on every call: say it once per instance.
         seen = repr((state.rebuilt_because, state.missing, state.invalid, state.adopted))
         if state.newly_set_aside or seen not in self._warned:
             self._warned.add(seen)
-            where = "in memory (read-only)" if self.read_only else "and saved"
             warnings.warn(
-                f"engine_kit: rebuilt the checkpoint index of {self.path!r} {where}: {description}. No checkpoint file was deleted.",
+                f"engine_kit: rebuilt the checkpoint index of {self.path!r} {where}: {state.describe()}. No checkpoint file was deleted.",
                 stacklevel=stacklevel,
             )
         return state

@@ -189,3 +189,24 @@ def test_a_read_only_rebuild_verifies_each_file_once(tmp_path: Path, monkeypatch
     (tmp_path / original[0].name).write_bytes(b"changed")  # a changed file is judged again
     with pytest.warns(UserWarning, match="set aside"):
         assert reader.entries() == original[1:]
+
+
+def test_a_listing_answers_even_when_the_repaired_index_cannot_be_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine_kit.checkpoint import reader as reader_module
+    from engine_kit.errors import CheckpointWriteError
+
+    original = _three_checkpoints(tmp_path)
+    with CheckpointDirectory(tmp_path) as ckpts:
+        (tmp_path / REGISTRY_NAME).write_bytes(b"")
+
+        def disk_full(*args: object, **kwargs: object) -> None:
+            raise CheckpointWriteError("No space left on device while writing registry.json")
+
+        monkeypatch.setattr(reader_module, "write_registry", disk_full)
+        with pytest.warns(UserWarning, match=r"in memory \(saving it failed: No space left"):
+            assert ckpts.entries() == original and ckpts.newest_valid() == original[-1]
+        with pytest.raises(CheckpointWriteError, match="No space left"):
+            ckpts.repair()  # an explicit repair says it could not save
+        with pytest.raises(CheckpointWriteError, match="No space left"):
+            ckpts.commit(ckpts.next_name(40), make_payload(40, numel=4), step=40, epoch=2)
+    assert _checkpoint_files(tmp_path).keys() == {e.name for e in original}
