@@ -1,6 +1,8 @@
-"""`engine-kit ckpt verify|inspect` on valid, damaged and foreign files."""
+"""`engine-kit ckpt verify|inspect|repair` on valid, damaged, odd and foreign files and directories."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from handlers import CheckpointRotation
 from tests.helpers import mlp, regression_batches
 
 
-def saved_checkpoint(tmp_path):
+def saved_checkpoint(tmp_path: Path) -> Path:
     model = mlp(in_features=2, out=1)
     trainer = create_trainer(model, torch.optim.AdamW(model.parameters(), lr=0.01), F.mse_loss)
     CheckpointRotation(tmp_path, keep_last=1).attach(trainer)
@@ -21,13 +23,13 @@ def saved_checkpoint(tmp_path):
     return tmp_path / CheckpointDirectory(tmp_path, read_only=True).entries()[-1].name
 
 
-def test_verify_accepts_a_valid_checkpoint(tmp_path, capsys):
+def test_verify_accepts_a_valid_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = saved_checkpoint(tmp_path)
     assert main(["ckpt", "verify", str(path)]) == 0
     assert capsys.readouterr().out.startswith(f"OK {path}")
 
 
-def test_verify_rejects_a_flipped_byte_with_one_line(tmp_path, capsys):
+def test_verify_rejects_a_flipped_byte_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = saved_checkpoint(tmp_path)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -37,7 +39,7 @@ def test_verify_rejects_a_flipped_byte_with_one_line(tmp_path, capsys):
     assert out.startswith("INVALID") and out.count("\n") == 1
 
 
-def test_inspect_summarizes_file_and_directory(tmp_path, capsys):
+def test_inspect_summarizes_file_and_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = saved_checkpoint(tmp_path)
     assert main(["ckpt", "inspect", str(path)]) == 0
     out = capsys.readouterr().out
@@ -47,9 +49,7 @@ def test_inspect_summarizes_file_and_directory(tmp_path, capsys):
     assert "1 registered" in capsys.readouterr().out
 
 
-def _directory_with(tmp_path, payloads):
-    from engine_kit.checkpoint import CheckpointDirectory
-
+def _directory_with(tmp_path: Path, payloads: list[dict]) -> list[Path]:
     with CheckpointDirectory(tmp_path) as ckpts:
         for step, payload in enumerate(payloads, start=1):
             ckpts.commit(ckpts.next_name(step), payload, step=step, epoch=0)
@@ -66,14 +66,14 @@ def _directory_with(tmp_path, payloads):
     ],
     ids=["meta-not-a-dict", "wrong-types", "odd-values", "empty"],
 )
-def test_inspect_never_tracebacks_on_odd_metadata(tmp_path, capsys, payload):
+def test_inspect_never_tracebacks_on_odd_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str], payload: dict) -> None:
     (path,) = _directory_with(tmp_path, [payload])
     assert main(["ckpt", "inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"checkpoint {path}") and "record" in out and "Traceback" not in out
 
 
-def test_inspect_and_verify_of_a_directory_check_every_entry(tmp_path, capsys):
+def test_inspect_and_verify_of_a_directory_check_every_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good, bad = _directory_with(tmp_path, [{"w": torch.ones(4)}, {"w": torch.zeros(4)}])
     data = bytearray(bad.read_bytes())
     data[40] ^= 0x01
@@ -86,7 +86,7 @@ def test_inspect_and_verify_of_a_directory_check_every_entry(tmp_path, capsys):
         assert "INVALID: " in [line for line in lines if bad.name in line][0]
 
 
-def test_repair_rebuilds_a_damaged_registry_and_says_what_it_did(tmp_path, capsys):
+def test_repair_rebuilds_a_damaged_registry_and_says_what_it_did(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first, second = _directory_with(tmp_path, [{"w": torch.ones(1)}, {"w": torch.ones(2)}])
     (tmp_path / "registry.json").write_text("garbage")
     (tmp_path / "stray.ekpt").write_bytes(b"not a checkpoint")
