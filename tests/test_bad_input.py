@@ -322,3 +322,21 @@ def test_bad_batches_are_refused_before_any_step(case, kwargs, data, error, show
 @pytest.mark.parametrize("kwargs", [{"max_epochs": 1}, {"max_iters": 3}, {"epoch_length": 2}])
 def test_good_run_arguments_still_run(kwargs):
     assert make_trainer().run(regression_batches(16, 4), **kwargs).iteration in (2, 3, 4)
+
+
+@pytest.mark.parametrize("make_logger", [
+    lambda directory: TensorBoardLogger(log_dir=directory),
+    lambda directory: StepLog(directory / "steps.jsonl"),
+], ids=["TensorBoardLogger", "StepLog"])
+def test_loggers_refuse_a_read_only_directory_at_construction(make_logger, tmp_path, monkeypatch):
+    import errno
+
+    import engine_kit.run_directory as run_directory
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    # As root, chmod does not stop writes: simulate a read-only mount at the write probe.
+    monkeypatch.setattr(run_directory.tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(RunDirectoryError, match=rf"{tmp_path}.*not writable.*To fix"):
+        make_logger(tmp_path)
