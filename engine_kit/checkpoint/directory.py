@@ -104,6 +104,8 @@ class CheckpointDirectory(IndexedReader):
         CheckpointWriteError: (writable mode) the directory cannot be created
             or written, another writer holds its lock, or a FIFO/directory
             sits at ``registry.json``.
+        NotARegularFileError: (writable mode) a FIFO, directory or device
+            sits at the lock's name.
         FileNotFoundError: (read-only mode) the directory does not exist.
     """
 
