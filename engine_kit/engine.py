@@ -74,7 +74,9 @@ class GuardedEngine(Engine):
       when the error leaves the epoch loop).
     * The first error wins: when an ``EXCEPTION_RAISED`` handler itself fails,
       the original error is raised with that failure attached as a note
-      (``add_note``) and the remaining handlers still run.
+      (``add_note``) and the remaining handlers still run. A handler that
+      re-raises the error, or translates it on purpose (``raise X from e``),
+      is not a failure: what it raises propagates, as in ignite.
     * After a run that raised, the next ``run()`` resumes from the failed
       iteration (ignite 0.5.5 would return ``None`` without running).
 
@@ -94,13 +96,7 @@ class GuardedEngine(Engine):
         self.last_event_name = event_name
         for func, args, kwargs in self._event_handlers[event_name]:
             kwargs.update(event_kwargs)
-            if args and isinstance(args[0], weakref.ref):
-                resolved_engine = args[0]()
-                if resolved_engine is None:
-                    raise RuntimeError("Engine reference not resolved. Cannot execute event handler.")
-                first, others = (resolved_engine,), args[1:]
-            else:
-                first, others = (), args
+            first, others = _split_engine(args)
             try:
                 func(*first, *(event_args + others), **kwargs)
             except HandlerError:
@@ -131,21 +127,38 @@ class GuardedEngine(Engine):
         for func, args, kwargs in entries:
             user = _user_handler(func)
             handled = handled or not getattr(user, "_engine_kit_cleanup", False)
-            engine = args[0]() if args and isinstance(args[0], weakref.ref) else None
-            call_args = ((engine,) if engine is not None else ()) + (e,) + tuple(args[1 if engine else 0 :])
+            first, others = _split_engine(args)
             try:
-                func(*call_args, **kwargs)
+                func(*first, e, *others, **kwargs)
             except BaseException as failure:  # noqa: BLE001 - any failure here is reported on `e`
-                if failure is e:
-                    raise  # the handler re-raised the error it was given: not a handler failure
+                if failure is e or failure.__cause__ is e:
+                    raise  # re-raised, or translated on purpose (`raise X from e`): not a handler failure
                 if isinstance(e, Exception) and not isinstance(failure, Exception):
                     raise  # a KeyboardInterrupt/SystemExit while cleaning up must still stop the process
-                e.add_note(
+                _add_note(
+                    e,
                     f"While handling it, the EXCEPTION_RAISED handler {describe_handler(user)} failed: "
-                    f"{type(failure).__name__}: {failure}"
+                    f"{type(failure).__name__}: {failure}",
                 )
         if not handled:
             raise e
+
+
+def _split_engine(args: tuple) -> tuple[tuple, tuple]:
+    # ignite stores a weak reference to the engine as the first argument of handlers that take it.
+    if args and isinstance(args[0], weakref.ref):
+        engine = args[0]()
+        if engine is None:
+            raise RuntimeError("Engine reference not resolved. Cannot execute event handler.")
+        return (engine,), args[1:]
+    return (), args
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    try:
+        error.add_note(note)
+    except AttributeError:  # Python 3.10: no add_note, keep the note where 3.11 would
+        error.__notes__ = [*getattr(error, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
 def _handler_error(func: Callable, event_name: Any, err: Exception) -> HandlerError:

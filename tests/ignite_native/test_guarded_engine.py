@@ -111,3 +111,18 @@ def test_first_error_wins_when_a_cleanup_handler_fails():
 def test_invalid_event_message_says_engine():
     with pytest.raises(ValueError, match=r"is not a valid event for this Engine\.$"):
         engine_over().add_event_handler("not-an-event", lambda: None)
+
+
+def test_an_exception_handler_may_translate_the_error_on_purpose():
+    def process(engine, batch):
+        raise ValueError("bad batch")
+
+    engine = engine_over(process)
+
+    def translate(engine, e):
+        raise LookupError("while reading batch 1") from e
+
+    engine.add_event_handler(Events.EXCEPTION_RAISED, translate)
+    with pytest.raises(LookupError, match="batch 1") as info:
+        engine.run(range(2))
+    assert isinstance(info.value.__cause__, ValueError)
