@@ -118,10 +118,7 @@ class GuardedEngine(Engine):
     def _handle_exception(self, e: BaseException) -> None:
         if getattr(e, "_engine_kit_handled", False):
             raise e  # the epoch loop handled it already; it is now leaving the run loop
-        try:
-            e._engine_kit_handled = True  # type: ignore[attr-defined]
-        except AttributeError:  # exceptions with __slots__ cannot be tagged
-            pass
+        _mark_handled(e)
         entries = list(self._event_handlers.get(Events.EXCEPTION_RAISED, ()))
         handled = False
         for func, args, kwargs in entries:
@@ -132,6 +129,7 @@ class GuardedEngine(Engine):
                 func(*first, e, *others, **kwargs)
             except BaseException as failure:  # noqa: BLE001 - any failure here is reported on `e`
                 if failure is e or failure.__cause__ is e:
+                    _mark_handled(failure)
                     raise  # re-raised, or translated on purpose (`raise X from e`): not a handler failure
                 if isinstance(e, Exception) and not isinstance(failure, Exception):
                     raise  # a KeyboardInterrupt/SystemExit while cleaning up must still stop the process
@@ -152,6 +150,14 @@ def _split_engine(args: tuple) -> tuple[tuple, tuple]:
             raise RuntimeError("Engine reference not resolved. Cannot execute event handler.")
         return (engine,), args[1:]
     return (), args
+
+
+def _mark_handled(error: BaseException) -> None:
+    # ignite hands an error to _handle_exception twice (epoch loop, run loop): once is enough.
+    try:
+        error._engine_kit_handled = True  # type: ignore[attr-defined]
+    except AttributeError:  # exceptions with __slots__ cannot be tagged
+        pass
 
 
 def _add_note(error: BaseException, note: str) -> None:
