@@ -28,6 +28,7 @@ import json
 import os
 import secrets
 import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -158,6 +159,36 @@ def verify_sharded(path: str | os.PathLike[str]) -> dict[str, Any]:
             problem = f"{file!r} differs from the size/SHA-256 its manifest recorded (truncated or altered)."
             raise CheckpointCorruptError(fix_message(problem, fix))
     return manifest
+
+
+def newest_valid_sharded(parent: str | os.PathLike[str], prefix: str = "") -> str | None:
+    """Rank 0's choice, on every rank: the newest committed sharded checkpoint in ``parent`` that verifies.
+
+    Candidates are the directories named ``prefix...`` holding a manifest,
+    newest name last (use zero-padded step numbers); corrupt ones are skipped
+    with one warning. A collective.
+    """
+
+    def choose() -> str | None:
+        parent_path = os.fspath(parent)
+        if not os.path.isdir(parent_path):
+            return None
+        names = sorted(n for n in os.listdir(parent_path) if n.startswith(prefix) and os.path.isfile(os.path.join(parent_path, n, MANIFEST)))
+        skipped = []
+        for name in reversed(names):
+            try:
+                verify_sharded(os.path.join(parent_path, name))
+            except CheckpointCorruptError as exc:
+                skipped.append(f"{name} ({str(exc).split(' To fix:')[0]})")
+                continue
+            if skipped:
+                warnings.warn(f"engine_kit: skipped corrupt sharded checkpoint(s) {'; '.join(skipped)}; using {name}.", stacklevel=3)
+            return os.path.abspath(os.path.join(parent_path, name))
+        if skipped:
+            warnings.warn(f"engine_kit: skipped corrupt sharded checkpoint(s) {'; '.join(skipped)}; none is left.", stacklevel=3)
+        return None
+
+    return decide(f"choose the newest sharded checkpoint in {os.fspath(parent)!r}", choose)
 
 
 def load_sharded(path: str | os.PathLike[str], sharded: dict[str, Any]) -> dict[str, Any]:

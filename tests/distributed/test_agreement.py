@@ -25,6 +25,7 @@ from engine_kit.distributed import (
     restore_own_rank_state,
 )
 from engine_kit.errors import RankAgreementError
+from tests.distributed.spawn import spawn_two
 
 
 def _outcome(fn) -> dict:
@@ -74,8 +75,7 @@ def _worker(local_rank: int, tmp: str) -> None:
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("agreement")
-    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
-        parallel.run(_worker, str(tmp))
+    spawn_two(_worker, str(tmp))
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
 
 

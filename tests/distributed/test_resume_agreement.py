@@ -27,6 +27,7 @@ from engine_kit.data_order import ResumableLoader
 from engine_kit.distributed.resume import resume_every_rank
 from engine_kit.errors import RankAgreementError
 from handlers.checkpoint import CheckpointRotation
+from tests.distributed.spawn import spawn_two
 
 _GEN = torch.Generator().manual_seed(5)
 DATA = [(torch.randn(4, generator=_GEN), torch.randn(2, generator=_GEN)) for _ in range(16)]  # the same on every rank
@@ -110,8 +111,7 @@ def seen(tmp_path_factory) -> list[dict]:
     CheckpointRotation(tmp / "one-process", keep_last=1).attach(trainer)
     trainer.run(_loader(), max_epochs=1)
     written = str(next((tmp / "one-process").glob("*.ekpt")))
-    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
-        parallel.run(_worker, str(tmp), written)
+    spawn_two(_worker, str(tmp), written)
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
+import time
 
 import ignite.distributed as idist
 import pytest
 import torch
+from torch.multiprocessing import ProcessExitedException
 
 from engine_kit import create_trainer
 from engine_kit.cli import main
@@ -25,11 +29,13 @@ from engine_kit.distributed.sharded import (
     apply_sharded,
     capture_sharded,
     load_sharded,
+    newest_valid_sharded,
     save_sharded,
     verify_sharded,
 )
 from engine_kit.errors import CheckpointCorruptError, RankAgreementError
 from handlers.checkpoint import CheckpointRotation
+from tests.distributed.spawn import spawn_two
 
 pytest.importorskip("torch.distributed.fsdp")
 
@@ -111,8 +117,7 @@ def _worker(local_rank: int, tmp: str) -> None:
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory) -> tuple[list[dict], object]:
     tmp = tmp_path_factory.mktemp("sharded")
-    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
-        parallel.run(_worker, str(tmp))
+    spawn_two(_worker, str(tmp))
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)], tmp
 
 
@@ -151,3 +156,45 @@ def test_checkpoint_rotation_refuses_an_fsdp2_model_at_start_naming_fsdp2(seen):
     results, _ = seen
     for r in results:
         assert "FSDP2" in r["rotation"] and "To fix:" in r["rotation"] and "save_sharded" in r["rotation"]
+
+
+def _train_with_restarts(local_rank: int, tmp: str, kill_delay: float | None) -> None:
+    """6 steps with sharded saves after steps 2 and 4, resuming from the newest valid one; may SIGKILL rank 1 mid-save."""
+    rank = idist.get_rank()
+    checkpoints = os.path.join(tmp, "checkpoints")
+    model, optimizer = _model(seed=rank)
+    start, chosen = 0, newest_valid_sharded(checkpoints, prefix="step")
+    if chosen is not None:
+        state = capture_sharded(model, optimizer)
+        extra = load_sharded(chosen, state)
+        apply_sharded(model, optimizer, state)
+        restore_own_rank_state(extra, None, rank)
+        start = extra["step"]
+    for step in range(start, 6):
+        _steps(model, optimizer, range(step % 4, step % 4 + 1))
+        if step + 1 in (2, 4):
+            if kill_delay is not None and rank == 1 and step + 1 == 4:
+                threading.Timer(kill_delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+            extra = {"step": step + 1, "ranks": gather_rank_states(None)}
+            save_sharded(os.path.join(checkpoints, f"step{step + 1:04d}"), capture_sharded(model, optimizer), extra)
+            if kill_delay is not None and rank == 1 and step + 1 == 4:
+                time.sleep(30)  # the kill lands during the save or right after its commit, never past the run
+    with open(os.path.join(tmp, f"final{rank}.json"), "w") as f:
+        json.dump({"params": _digest(model), "resumed_at": start}, f)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_delay", [0.0, 0.01, 0.05])
+def test_a_sigkill_of_rank1_mid_save_then_a_rerun_ends_bitwise(tmp_path, kill_delay):
+    for run, delay in (("uninterrupted", None), ("killed", kill_delay)):
+        (tmp_path / run).mkdir()
+        try:
+            spawn_two(_train_with_restarts, str(tmp_path / run), delay)
+        except ProcessExitedException as exc:  # the killed run: reported, and rank 0 stopped
+            assert delay is not None and exc.signal_name == "SIGKILL", exc
+    assert not (tmp_path / "killed" / "final0.json").exists()
+    spawn_two(_train_with_restarts, str(tmp_path / "killed"), None)
+    for rank in range(2):
+        want = json.loads((tmp_path / "uninterrupted" / f"final{rank}.json").read_text())
+        got = json.loads((tmp_path / "killed" / f"final{rank}.json").read_text())
+        assert got["params"] == want["params"] and got["resumed_at"] in (2, 4)
