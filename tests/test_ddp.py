@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from engine_kit import StepEvents, create_trainer
+from tests.distributed.spawn import spawn_two
 from tests.helpers import mlp
 
 ACCUMULATION = 4
@@ -45,8 +46,7 @@ def _worker(local_rank, out_dir):
 
 
 def test_two_gloo_processes_match_one_process_on_the_combined_batch(tmp_path):
-    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
-        parallel.run(_worker, str(tmp_path))
+    spawn_two(_worker, str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     single = mlp(in_features=2, out=1)
@@ -85,8 +85,7 @@ def _fsdp2_worker(local_rank, out_dir):
 
 
 def test_fsdp2_on_uneven_batches_matches_one_process_on_the_combined_batches(tmp_path):
-    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
-        parallel.run(_fsdp2_worker, str(tmp_path))
+    spawn_two(_fsdp2_worker, str(tmp_path))
     single = mlp(in_features=2, out=1)
     trainer = create_trainer(single, torch.optim.SGD(single.parameters(), lr=0.1), F.mse_loss,
                              accumulation_steps=ACCUMULATION, max_grad_norm=10.0)
