@@ -349,8 +349,18 @@ class Doctor(Handler):
         bad_groups = None
         if final and first_non_finite(rows) is not None and "non-finite" not in self.codes:
             bad_groups = parameter_groups_with_non_finite(engine.step.optimizer)  # once, at the end
-        self.report(check_steps(rows, engine.step.max_grad_norm, self._planned or len(rows), self.settings,
-                                final=final, bad_groups=bad_groups))
+        found = check_steps(rows, engine.step.max_grad_norm, self._planned or len(rows), self.settings,
+                            final=final, bad_groups=bad_groups)
+        if final:
+            self._refresh(found)
+        self.report(found)
+
+    def _refresh(self, findings: list[Finding]) -> None:
+        """Give findings already reported the evidence of the whole run (no second log line)."""
+        latest = {finding.code: finding for finding in findings}
+        for i, finding in enumerate(self.findings):
+            if finding.code in latest and finding.code != "non-finite":  # the first NaN stays the first
+                self.findings[i] = latest[finding.code]
 
     def _finish(self, engine: Engine) -> None:
         step = engine.step

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine_kit.doctor.findings import DoctorSettings, Finding, add_new
+from engine_kit.doctor.findings import CATALOGUE, DoctorSettings, Finding, add_new
 from engine_kit.doctor.step_checks import check_steps
 from engine_kit.doctor.validation_checks import check_overfitting
 from engine_kit.errors import fix_message
@@ -94,3 +94,16 @@ def main(run_dir: str) -> int:
         return 2
     print("\n".join(report_lines(findings)))
     return 1 if findings else 0
+
+
+def markdown_section(findings: list[Finding]) -> str:
+    """The "Doctor" section of a run's ``summary.md``.
+
+    >>> print(markdown_section([]).strip())
+    ## Doctor
+    <BLANKLINE>
+    No findings.
+    """
+    lines = ["", "## Doctor", ""]
+    lines += [f"- **{f.code}** ({CATALOGUE[f.code]}): {f.evidence} To fix: {f.fix}" for f in findings] or ["No findings."]
+    return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from ignite.engine import Events
 from ignite.metrics import Accuracy
 
 from engine_kit import StepEvents, create_evaluator, create_trainer
+from engine_kit.cli import main as cli_main
 from engine_kit.doctor import diagnose_run
 from engine_kit.doctor.run_dir import main as doctor_main
 from handlers import attach_standard
@@ -42,7 +43,7 @@ def test_a_finding_reaches_the_log_the_file_tensorboard_and_the_command(tmp_path
     texts = [value.tag for event in read_events(tmp_path / "tb") for value in event.summary.value
              if value.tag.startswith("doctor/")]
     assert texts == ["doctor/clipping-share/text_summary"]
-    assert doctor_main(str(tmp_path)) == 1
+    assert cli_main(["doctor", str(tmp_path)]) == 1
     assert capsys.readouterr().out.strip() == finding.line()
     # From the step log alone (no doctor.json): the same finding, judged again.
     (tmp_path / "doctor.json").unlink()
