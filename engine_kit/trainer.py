@@ -11,31 +11,13 @@ import torch
 from ignite.engine import Engine, Events
 
 from engine_kit.batch import BatchSizeFn, PrepareBatch, default_batch_size, default_prepare_batch
-from engine_kit.checks import check_bool, check_callable
+from engine_kit.checks import check_bool, check_callable, check_int
 from engine_kit.errors import fix_message
 from engine_kit.events import EVENT_COUNTERS, StepEvents
 from engine_kit.precision import resolve_device, resolve_precision
 from engine_kit.state import init_trainer_state
 from engine_kit.step import TrainStep
 from engine_kit.trainer_engine import TrainerEngine
-
-
-def _check_accumulation(accumulation_steps: Any) -> int:
-    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral):
-        raise TypeError(
-            fix_message(
-                f"accumulation_steps={accumulation_steps!r} is not an integer.",
-                "pass an integer >= 1 (1 means no accumulation).",
-            )
-        )
-    if accumulation_steps < 1:
-        raise ValueError(
-            fix_message(
-                f"accumulation_steps={accumulation_steps} is below 1.",
-                "pass an integer >= 1 (1 means no accumulation).",
-            )
-        )
-    return int(accumulation_steps)
 
 
 def _check_max_grad_norm(max_grad_norm: Any) -> float | None:
@@ -190,7 +172,7 @@ def create_trainer(
         loss_fn,
         device=resolved_device,
         precision=resolved_precision,
-        accumulation_steps=_check_accumulation(accumulation_steps),
+        accumulation_steps=check_int("accumulation_steps", accumulation_steps, minimum=1, example=4),
         max_grad_norm=_check_max_grad_norm(max_grad_norm),
         prepare_batch=prepare_batch or default_prepare_batch,
         non_blocking=check_bool("non_blocking", non_blocking),
@@ -205,6 +187,4 @@ def create_trainer(
     trainer.add_event_handler(Events.EPOCH_STARTED, _on_epoch_started, model)
     for end in (Events.EPOCH_COMPLETED, Events.TERMINATE_SINGLE_EPOCH, Events.TERMINATE, Events.COMPLETED):
         trainer.add_event_handler(end, _flush_pending_window, step)
-    # Kept for handlers that need the objects the step drives (schedulers, checkpoints).
-    trainer.step = step
     return trainer

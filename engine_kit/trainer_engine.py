@@ -55,7 +55,7 @@ class TrainerEngine(GuardedEngine):
 
     def __init__(self, step: Callable) -> None:
         super().__init__(step)
-        self.step = step
+        self.step = step  # handlers reach the objects the step drives (optimizer, scaler, model) here
         self._warned_mid_window_save = False
 
     def run(

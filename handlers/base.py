@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Iterable, Mapping
 
 from ignite.engine import Engine
 
+from engine_kit.checks import check_int
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 
@@ -21,11 +21,7 @@ def check_positive_int(name: str, value: Any, example: int) -> int:
     ...
     ValueError: flush_every=0 is below 1. To fix: pass an integer >= 1, e.g. 50.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(fix_message(f"{name}={value!r} is not an integer.", f"pass an integer >= 1, e.g. {example}."))
-    if value < 1:
-        raise ValueError(fix_message(f"{name}={value} is below 1.", f"pass an integer >= 1, e.g. {example}."))
-    return int(value)
+    return check_int(name, value, minimum=1, example=example)
 
 
 def require_step_events(engine: Engine, owner: str, *, subject: str = "it") -> None:

@@ -12,19 +12,12 @@ from ignite.engine.events import RemovableEventHandle
 from ignite.handlers.param_scheduler import ParamGroupScheduler, ParamScheduler
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, ReduceLROnPlateau, SequentialLR
 
+from engine_kit.checks import check_int
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful
 from handlers.base import require_step_events
 from handlers.events import ValidationEvents, register_validation_events
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(fix_message(f"{name}={value!r} is not an integer.", f"pass an integer >= {minimum}."))
-    if value < minimum:
-        raise ValueError(fix_message(f"{name}={value} is below {minimum}.", f"pass an integer >= {minimum}."))
-    return int(value)
 
 
 def _check_name(name: Any) -> str:
@@ -222,8 +215,8 @@ def warmup_cosine(
         raise TypeError(
             fix_message(f"optimizer is a {type(optimizer).__name__}.", "pass the torch.optim.Optimizer to schedule.")
         )
-    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-    total_steps = _check_int("total_steps", total_steps, 1)
+    warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+    total_steps = check_int("total_steps", total_steps, minimum=1)
     if warmup_steps >= total_steps:
         raise ValueError(
             fix_message(
@@ -272,8 +265,8 @@ def optimizer_steps_per_epoch(loader_len: int, accumulation_steps: int) -> int:
     >>> optimizer_steps_per_epoch(10, 4)
     3
     """
-    loader_len = _check_int("loader_len", loader_len, 1)
-    accumulation_steps = _check_int("accumulation_steps", accumulation_steps, 1)
+    loader_len = check_int("loader_len", loader_len, minimum=1)
+    accumulation_steps = check_int("accumulation_steps", accumulation_steps, minimum=1)
     return -(-loader_len // accumulation_steps)
 
 
@@ -299,5 +292,5 @@ def onecycle_total_steps(loader_or_len: Any, epochs: int, accumulation_steps: in
                 "pass the number of micro-batches per epoch (the epoch_length you give trainer.run) instead.",
             )
         )
-    epochs = _check_int("epochs", epochs, 1)
+    epochs = check_int("epochs", epochs, minimum=1)
     return optimizer_steps_per_epoch(length, accumulation_steps) * epochs
