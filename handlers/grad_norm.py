@@ -178,12 +178,27 @@ class GradNormLogger(Handler):
         return self._flushes
 
     def state_dict(self) -> dict[str, Any]:
+        """``norms`` as one float64 tensor of ``(step, norm)`` rows, plus the two counters.
+
+        One tensor, not a list of tuples: a checkpoint's pickle (and its save-time
+        scan) then stays the same size however many steps the run has logged.
+        float64 holds every step number below 2**53 exactly.
+
+        >>> logger = GradNormLogger()
+        >>> logger.load_state_dict({"norms": [(1, 0.5), (2, 0.25)], "steps_seen": 2, "steps_clipped": 0})
+        >>> logger.state_dict()["norms"]
+        tensor([[1.0000, 0.5000],
+                [2.0000, 0.2500]], dtype=torch.float64)
+        """
         self.flush()
-        return {"norms": list(self._norms), "steps_seen": self._steps_seen, "steps_clipped": self._steps_clipped}
+        norms = torch.tensor(self._norms, dtype=torch.float64).reshape(-1, 2)
+        return {"norms": norms, "steps_seen": self._steps_seen, "steps_clipped": self._steps_clipped}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         check_state_keys("GradNormLogger", self.state_keys, state_dict)
         self._pending.clear()  # values buffered before the load belong to the abandoned timeline
-        self._norms = [(int(step), float(value)) for step, value in state_dict["norms"]]
+        norms = state_dict["norms"]
+        rows = norms.tolist() if isinstance(norms, torch.Tensor) else norms  # a tensor, or the older list of pairs
+        self._norms = [(int(step), float(value)) for step, value in rows]
         self._steps_seen = int(state_dict["steps_seen"])
         self._steps_clipped = int(state_dict["steps_clipped"])
