@@ -15,7 +15,6 @@ the final parameters, the step it resumed from).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -36,6 +35,7 @@ from engine_kit.data_order import ResumableLoader  # noqa: E402
 from engine_kit.stateful import register_stateful  # noqa: E402
 from handlers.checkpoint import CheckpointRotation  # noqa: E402
 from handlers.validation import Validation  # noqa: E402
+from tests.resume.train_script import LossRecord, tensor_digest  # noqa: E402
 
 SAMPLES, FEATURES, CLASSES = 96, 6, 3
 
@@ -61,19 +61,6 @@ class Augmented(torch.utils.data.Dataset):
         return x, self.y[i]
 
 
-class LossRecord:
-    """This rank's per-step losses, saved in checkpoints so a resumed run's record is whole."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def state_dict(self) -> dict:
-        return {"losses": list(self.losses)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.losses = list(state["losses"])
-
-
 class KillDuringSave:
     """Captured at every save (on rank 0); at save number ``at_save`` it SIGKILLs rank 0 after ``delay_s``.
 
@@ -91,13 +78,6 @@ class KillDuringSave:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def training(local_rank: int, args: argparse.Namespace) -> None:
@@ -139,7 +119,7 @@ def training(local_rank: int, args: argparse.Namespace) -> None:
     result = {
         "rank": rank,
         "losses": record.losses,
-        "params": digest(model.module.parameters() if hasattr(model, "module") else model.parameters()),
+        "params": tensor_digest(model.module.parameters() if hasattr(model, "module") else model.parameters()),
         "optimizer_steps": trainer.state.optimizer_steps,
         "resumed_from": trainer.state.resumed_from,
         "resumed_at_step": resumed_at[0],
