@@ -1,14 +1,14 @@
 """Preemption: SIGTERM finishes the window, saves, exits 75; the rerun ends bitwise equal.
 
-The subprocess runs use tests/resume/train_script.py (48 samples, batch 4,
-accumulation 4: windows of 4 iterations, 3 epochs, 9 optimizer steps). The
-signal is a real SIGTERM the process sends itself at a chosen point, so the
-test does not depend on timing.
+The runs use tests/resume/train_script.py (48 samples, batch 4, accumulation
+4: windows of 4 iterations, 3 epochs, 9 optimizer steps). The preempted run is
+a subprocess that receives a real SIGTERM, sent by itself at a chosen point so
+the test does not depend on timing; the uninterrupted reference and the rerun
+run in this process (the same code, about a second each).
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -26,10 +26,12 @@ from engine_kit.checkpoint import CheckpointDirectory, load_checkpoint_file
 from handlers.checkpoint import CheckpointRotation
 from handlers.preemption import PREEMPTED_EXIT_STATUS, Preemption
 from tests.helpers import mlp, regression_batches
+from tests.resume.train_script import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "resume" / "train_script.py"
-COMMON = ["--accumulation", "4", "--every-steps", "5"]
+ACCUMULATION, EVERY = 4, 5
+COMMON = ["--accumulation", str(ACCUMULATION), "--every-steps", str(EVERY)]
 
 
 def run_script(run_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -39,10 +41,7 @@ def run_script(run_dir: Path, out: Path, *extra: str) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    base = tmp_path_factory.mktemp("reference")
-    done = run_script(base / "ckpt", base / "out.json")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((base / "out.json").read_text())
+    return train(tmp_path_factory.mktemp("reference"), accumulation=ACCUMULATION, every_steps=EVERY)
 
 
 def newest(run_dir: Path):
@@ -51,9 +50,7 @@ def newest(run_dir: Path):
 
 
 def finish_and_compare(run_dir: Path, out: Path, reference: dict) -> None:
-    rerun = run_script(run_dir, out, "--resume", "--preemption")
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    got = json.loads(out.read_text())
+    got = train(run_dir, accumulation=ACCUMULATION, every_steps=EVERY, resume="auto", preemption=True)
     assert got["resumed_from"]
     for key in ("losses", "params", "optimizer", "scheduler", "lr", "optimizer_steps"):
         assert got[key] == reference[key], key
