@@ -15,6 +15,7 @@ from handlers.early_stopping import EarlyStopChecker, EarlyStopping
 from handlers.events import ValidationEvents, register_validation_events
 from handlers.grad_norm import GradNormLogger
 from handlers.nan_guard import NanGuard
+from handlers.preemption import PREEMPTED_EXIT_STATUS, Preemption
 from handlers.progress import ProgressBar
 from handlers.rotation_policy import RotationPolicy
 from handlers.schedulers import (
@@ -36,6 +37,8 @@ __all__ = [
     "EarlyStopping",
     "GradNormLogger",
     "NanGuard",
+    "PREEMPTED_EXIT_STATUS",
+    "Preemption",
     "ProgressBar",
     "RotationPolicy",
     "StandardHandlers",
