@@ -197,3 +197,12 @@ def test_sigterm_during_the_lab_saves_exits_75_and_the_rerun_is_exact(lab_runs, 
     a = json.loads((straight / "summary.json").read_text())
     b = json.loads((run_dir / "summary.json").read_text())
     assert b["final_params_sha256"] == a["final_params_sha256"]
+
+
+def test_the_final_metric_is_only_a_validation_of_the_final_parameters():
+    from engine_kit.report import summarize
+
+    history = [{"epoch": 1, "optimizer_steps": 8, "accuracy": 0.5}, {"epoch": 2, "optimizer_steps": 16, "accuracy": 0.7}]
+    assert summarize([], {"optimizer_steps": 16, "val_history": history})["final_metric"] == 0.7
+    # Parameters of step 20 (a run stopped mid-epoch 3): the step-16 accuracy is not theirs.
+    assert summarize([], {"optimizer_steps": 20, "val_history": history})["final_metric"] is None
