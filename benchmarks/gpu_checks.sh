@@ -39,7 +39,7 @@ if [[ "$DEVICE" == "cuda" ]]; then
   $PY benchmarks/run.py --device cuda --repeats 3 --json "$JSON" || status=1
 else
   # The CPU proof: the same code path at a size that takes a minute or two.
-  $PY benchmarks/run.py --device cpu --only mlp --repeats 1 --epochs 1 --json "$JSON" || status=1
+  $PY benchmarks/run.py --device cpu --only mlp --repeats 1 --epochs 1 --threads 1 --json "$JSON" || status=1
 fi
 
 echo "== JSON ($JSON)"
