@@ -105,8 +105,11 @@ def outcomes(report: Path) -> dict[str, str]:
     """Test id -> "passed" / "failed" / "skipped", from a JUnit XML report."""
     results = {}
     for case in ElementTree.parse(report).getroot().iter("testcase"):
-        path = case.get("file") or case.get("classname", "").replace(".", "/") + ".py"
-        test_id = f"{path}::{case.get('name')}"
+        classname = case.get("classname", "")
+        path = case.get("file") or classname.replace(".", "/") + ".py"
+        module = path[: -len(".py")].replace("/", ".")
+        owner = classname[len(module) + 1 :] if classname.startswith(module + ".") else ""
+        test_id = "::".join(part for part in (path, owner, case.get("name")) if part)
         if case.find("failure") is not None or case.find("error") is not None:
             results[test_id] = "failed"
         elif case.find("skipped") is not None:
