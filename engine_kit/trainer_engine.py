@@ -94,7 +94,7 @@ class TrainerEngine(GuardedEngine):
             f"accumulation_steps={accumulation}: {effect}. To fix: attach it to StepEvents.STEP_STARTED, which "
             "fires once per optimizer step before the step's first forward (and holds on a step GradScaler skipped).",
             UserWarning,
-            stacklevel=4,
+            stacklevel=3,  # the caller of add_event_handler
         )
         if not gated:
             return event_name

@@ -72,8 +72,9 @@ def test_param_scheduler_on_iteration_events_warns_and_advances_per_step(event):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = create_trainer(model, optimizer, F.mse_loss, accumulation_steps=4)
     with pytest.warns(UserWarning, match=r"PiecewiseLinear attached to Events\.ITERATION_.*accumulation_steps=4.*"
-                                         r"To fix: attach it to StepEvents\.STEP_STARTED"):
+                                         r"To fix: attach it to StepEvents\.STEP_STARTED") as record:
         trainer.add_event_handler(event, SCHEDULERS["PiecewiseLinear"](optimizer))
+    assert record[0].filename == __file__  # the warning points at the attaching line
     used = lrs_used_by_updates(optimizer)
     trainer.run(micro, max_epochs=3)
     reference = engine_kit_lrs(SCHEDULERS["PiecewiseLinear"], micro, epochs=3)
