@@ -70,3 +70,16 @@ def test_checkpoint_inside_a_window_is_refused_before_anything_is_loaded(tmp_pat
         Checkpoint.load_objects(resumable_objects(trainer), torch.load(files[0], weights_only=False))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert trainer.state.iteration == 0
+
+
+def test_model_checkpoint_on_optimizer_steps_names_files_by_step(tmp_path):
+    from ignite.handlers import ModelCheckpoint, global_step_from_engine
+
+    model, trainer, loader = build()
+    by_step = global_step_from_engine(trainer, StepEvents.OPTIMIZER_STEP_COMPLETED)
+    saver = ModelCheckpoint(str(tmp_path), "run", n_saved=2, require_empty=False, global_step_transform=by_step)
+    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED(every=2), saver, {"model": model})
+    trainer.run(loader, max_epochs=EPOCHS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_model_4.pt", "run_model_6.pt"]  # optimizer steps
+    saved = torch.load(tmp_path / "run_model_6.pt", weights_only=True)
+    assert all(torch.equal(saved[name], value) for name, value in model.state_dict().items())
