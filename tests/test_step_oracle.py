@@ -155,3 +155,22 @@ def test_step_output_holds_tensors_not_python_numbers():
     assert all(isinstance(o.grad_norm, torch.Tensor) for o in outputs)
     assert [o.stepped for o in outputs] == [True, True]
     assert copy.copy(outputs[0].num_samples) == 4
+
+
+class _RecordsGradientSync(torch.nn.Sequential):
+    """Stands for an FSDP2 (fully_shard) module: records each set_requires_gradient_sync call."""
+
+    def __init__(self, *modules):
+        super().__init__(*modules)
+        self.sync_calls = []
+
+    def set_requires_gradient_sync(self, requires_gradient_sync, *, recurse=True):
+        self.sync_calls.append(requires_gradient_sync)
+
+
+def test_fsdp2_style_modules_sync_gradients_only_on_the_closing_micro_batch():
+    torch.manual_seed(0)
+    model = _RecordsGradientSync(torch.nn.Linear(2, 1))
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, accumulation_steps=4)
+    trainer.run(regression_batches(24, 4), max_epochs=1)  # 6 micro-batches: windows of 4 and 2
+    assert model.sync_calls == [False, False, False, True, False, True]
