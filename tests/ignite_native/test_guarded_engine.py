@@ -126,3 +126,31 @@ def test_an_exception_handler_may_translate_the_error_on_purpose():
     with pytest.raises(LookupError, match="batch 1") as info:
         engine.run(range(2))
     assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_a_checkpoint_write_error_survives_a_failing_tensorboard_close(tmp_path, monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    from engine_kit import StepEvents, create_trainer
+    from handlers import TensorBoardLogger
+    from tests.helpers import mlp, regression_batches
+
+    model = mlp(in_features=2, out=1)
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss)
+    logger = TensorBoardLogger(log_dir=tmp_path)
+    logger.attach(trainer)
+
+    def disk_full_close():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(logger, "close", disk_full_close)
+
+    def save(engine):
+        raise CheckpointWriteError("checkpoint step 2: no space left on device. To fix: free disk space.")
+
+    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED(once=2), save)
+    with pytest.raises(HandlerError, match="save failed on event OPTIMIZER_STEP_COMPLETED: CheckpointWriteError") as info:
+        trainer.run(regression_batches(16, 4), max_epochs=1)
+    assert isinstance(info.value.__cause__, CheckpointWriteError)
+    assert any("TensorBoardLogger._on_exception failed: OSError" in note for note in info.value.__notes__)
