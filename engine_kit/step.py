@@ -226,6 +226,10 @@ class TrainStep:
             return None
         return self._window_total / total
 
+    def has_gradients(self) -> bool:
+        """Whether any optimized parameter holds a gradient (none does between windows)."""
+        return any(p.grad is not None for p in self._params)
+
     def discard_window(self, engine: Engine) -> None:
         """Drop the open window's gradients without stepping (after an error, or stale ones before a run).
 

@@ -111,7 +111,7 @@ def _flush_pending_window(engine: Engine, step: TrainStep) -> None:
 def _start_clean(engine: Engine, step: TrainStep) -> None:
     # Gradients left on the parameters by anything before this run would leak
     # into its first window.
-    if engine.state.window_position > 0 or any(p.grad is not None for p in step._params):
+    if engine.state.window_position > 0 or step.has_gradients():
         step.discard_window(engine)
 
 

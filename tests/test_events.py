@@ -130,3 +130,15 @@ def test_has_and_remove_event_handler_still_work():
     assert trainer.has_event_handler(handler)
     handle.remove()
     assert not trainer.has_event_handler(handler)
+
+
+def test_step_started_fires_once_per_window_before_its_first_forward():
+    model, trainer = make_trainer(accumulation=4)
+    seen = []
+    trainer.add_event_handler(StepEvents.STEP_STARTED, lambda e: seen.append((e.state.iteration, e.state.steps_started)))
+    every_other = []
+    trainer.add_event_handler(StepEvents.STEP_STARTED(every=2), lambda e: every_other.append(e.state.steps_started))
+    trainer.run(regression_batches(40, 4), max_epochs=1)  # 10 micro-batches: windows 4, 4, 2
+    assert seen == [(1, 1), (5, 2), (9, 3)]
+    assert every_other == [2]
+    assert trainer.state.steps_started == trainer.state.optimizer_steps == 3
