@@ -19,7 +19,9 @@ parent. The rename is the commit: a kill at any moment leaves either no
 next save. Read: rank 0 verifies every file against the manifest, then every
 rank loads its part (DCP reshards if needed).
 
-The directory must be shared by all ranks (see ``shared_dir``).
+:func:`newest_valid_sharded` picks the checkpoint to resume from (falling
+back past corrupt ones) and :func:`keep_newest_sharded` rotates. The
+directory must be shared by all ranks (see ``shared_dir``).
 """
 
 from __future__ import annotations
@@ -79,9 +81,10 @@ def apply_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stat
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-def _sweep_partials(parent: str, name: str) -> None:
+def _sweep_partials(parent: str) -> None:
+    """Delete what interrupted saves and deletions left (only rank 0 writes here, and not at this moment)."""
     for entry in os.listdir(parent):
-        if entry.startswith(f".{name}{PARTIAL}"):
+        if entry.startswith(".") and PARTIAL in entry:
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
@@ -91,7 +94,7 @@ def _prepare(path: str) -> str:
         problem = f"{path!r} already exists; committed checkpoints are never overwritten."
         raise FileExistsError(fix_message(problem, "save under a new name (a per-step name)."))
     os.makedirs(parent, exist_ok=True)
-    _sweep_partials(parent, name)
+    _sweep_partials(parent)
     partial = os.path.join(parent, f".{name}{PARTIAL}{secrets.token_hex(6)}")
     os.mkdir(partial)
     return partial
@@ -189,6 +192,30 @@ def newest_valid_sharded(parent: str | os.PathLike[str], prefix: str = "") -> st
         return None
 
     return decide(f"choose the newest sharded checkpoint in {os.fspath(parent)!r}", choose)
+
+
+def keep_newest_sharded(parent: str | os.PathLike[str], keep_last: int, prefix: str = "") -> list[str]:
+    """Rotation: delete all but the ``keep_last`` newest committed checkpoints ``prefix...`` (a collective).
+
+    Each is first renamed to a hidden partial name (one atomic step that
+    un-commits it), then deleted, so a kill in between never leaves a
+    half-deleted directory under a committed name. Returns the names deleted.
+    """
+    if keep_last < 1:
+        raise ValueError(fix_message(f"keep_last={keep_last!r} would delete every checkpoint.", "pass keep_last >= 1."))
+
+    def rotate() -> list[str]:
+        parent_path = os.fspath(parent)
+        names = sorted(n for n in os.listdir(parent_path) if n.startswith(prefix) and os.path.isfile(os.path.join(parent_path, n, MANIFEST)))
+        dropped = names[: max(0, len(names) - keep_last)]
+        for name in dropped:
+            doomed = os.path.join(parent_path, f".{name}{PARTIAL}deleted-{secrets.token_hex(4)}")
+            os.rename(os.path.join(parent_path, name), doomed)
+            fsync_directory(parent_path)
+            shutil.rmtree(doomed)
+        return dropped
+
+    return decide(f"rotate the sharded checkpoints in {os.fspath(parent)!r}", rotate)
 
 
 def load_sharded(path: str | os.PathLike[str], sharded: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ One spawn: an FSDP2 model (``fully_shard``, CPU) with dropout and per-rank
 seeds trains 2 steps, saves a sharded checkpoint (with each rank's RNG
 state), trains 2 more; a fresh model loads the checkpoint and trains the same
 2 steps: equal parameters, bitwise. Then an interrupted save (shards written,
-never committed), a flipped byte in one shard, and the CLI-level verify.
+never committed), rotation, a flipped byte in one shard, the CLI's verify and
+CheckpointRotation's refusal of an FSDP2 model.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from engine_kit.distributed.sharded import (
     MANIFEST,
     apply_sharded,
     capture_sharded,
+    keep_newest_sharded,
     load_sharded,
     newest_valid_sharded,
     save_sharded,
@@ -103,6 +105,12 @@ def _worker(local_rank: int, tmp: str) -> None:
         result["corrupt"] = "loaded"
     except RankAgreementError as exc:
         result["corrupt"] = str(exc)
+    rotated = os.path.join(tmp, "rotated")
+    for step in (1, 2, 3):
+        save_sharded(os.path.join(rotated, f"step{step:04d}"), capture_sharded(model, optimizer), {"step": step})
+    result["rotation_deleted"] = keep_newest_sharded(rotated, keep_last=2, prefix="step")
+    result["rotation_kept"] = sorted(os.listdir(rotated))
+
     trainer = create_trainer(model, optimizer, torch.nn.functional.mse_loss)
     CheckpointRotation(os.path.join(tmp, "rotation"), every_steps=1).attach(trainer)
     try:
@@ -133,6 +141,12 @@ def test_an_uncommitted_save_is_invisible_and_swept_by_the_next(seen):
     for r in results:
         assert r["uncommitted_visible"] is False
         assert r["after_next_save"] == ["step4"]
+
+
+def test_rotation_deletes_the_oldest_committed_checkpoints(seen):
+    results, _ = seen
+    for r in results:
+        assert r["rotation_deleted"] == ["step0001"] and r["rotation_kept"] == ["step0002", "step0003"]
 
 
 def test_a_flipped_byte_in_one_shard_stops_every_rank(seen):
@@ -177,6 +191,7 @@ def _train_with_restarts(local_rank: int, tmp: str, kill_delay: float | None) ->
                 threading.Timer(kill_delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
             extra = {"step": step + 1, "ranks": gather_rank_states(None)}
             save_sharded(os.path.join(checkpoints, f"step{step + 1:04d}"), capture_sharded(model, optimizer), extra)
+            keep_newest_sharded(checkpoints, keep_last=1, prefix="step")
             if kill_delay is not None and rank == 1 and step + 1 == 4:
                 time.sleep(30)  # the kill lands during the save or right after its commit, never past the run
     with open(os.path.join(tmp, f"final{rank}.json"), "w") as f:
