@@ -34,10 +34,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_run(build: Build, case: Case, root: Path, label: str) -> tuple[float, dict[str, Any], float | None]:
-    """Build a runner (untimed), time one run of it; returns seconds, its facts and peak device memory (MB).
+def timed_run(build: Build, case: Case, root: Path, label: str) -> tuple[float, float, dict[str, Any], float | None]:
+    """Build a runner (untimed), time one run of it.
 
-    The runner's work directory is removed afterwards.
+    Returns the wall seconds, the CPU seconds of this process (every thread;
+    unlike wall time, not inflated while other jobs hold the CPU, but blind to
+    waits such as fsync), the runner's facts and peak device memory (MB, CUDA
+    only). The runner's work directory is removed afterwards.
     """
     workdir = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=root))
     try:
@@ -46,14 +49,14 @@ def timed_run(build: Build, case: Case, root: Path, label: str) -> tuple[float, 
         _synchronize(case.device)
         if case.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(case.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         facts = run()
         _synchronize(case.device)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         peak = torch.cuda.max_memory_allocated(case.device) / 2**20 if case.device.type == "cuda" else None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return elapsed, facts, peak
+    return elapsed, cpu, facts, peak
 
 
 def count_host_syncs(build: Build, case: Case, root: Path, label: str) -> int:
@@ -82,6 +85,7 @@ def measure_case(case: Case, runners: tuple[str, ...], repeats: int, warmup: boo
     """
     builds = {name: builder(name) for name in runners}
     seconds: dict[str, list[float]] = {name: [] for name in runners}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in runners}
     peaks: dict[str, list[float]] = {name: [] for name in runners}
     facts: dict[str, dict[str, Any]] = {}
     syncs: dict[str, int | None] = dict.fromkeys(runners)
@@ -92,8 +96,9 @@ def measure_case(case: Case, runners: tuple[str, ...], repeats: int, warmup: boo
                 timed_run(builds[name], case, root, name)
         for repeat in range(repeats):
             for name in rotated(runners, repeat):
-                elapsed, facts[name], peak = timed_run(builds[name], case, root, name)
+                elapsed, cpu, facts[name], peak = timed_run(builds[name], case, root, name)
                 seconds[name].append(elapsed)
+                cpu_seconds[name].append(cpu)
                 if peak is not None:
                     peaks[name].append(peak)
         if case.device.type == "cuda":
@@ -108,6 +113,7 @@ def measure_case(case: Case, runners: tuple[str, ...], repeats: int, warmup: boo
             "us_per_iter_min": min(per_iter),
             "us_per_iter_max": max(per_iter),
             "us_per_iter_all": per_iter,
+            "cpu_us_per_iter": statistics.median(cpu_seconds[name]) / case.iterations * 1e6,
             "samples_per_s": case.schedule.batch / (statistics.median(per_iter) * 1e-6),
             "peak_mem_mb": statistics.median(peaks[name]) if peaks[name] else None,
             "host_syncs_per_iter": None if syncs[name] is None else syncs[name] / case.iterations,
@@ -118,4 +124,5 @@ def measure_case(case: Case, runners: tuple[str, ...], repeats: int, warmup: boo
     for result in results:
         ref = by_name.get(reference(result["runner"]))
         result["ratio_to_raw"] = result["us_per_iter"] / ref["us_per_iter"] if ref else None
+        result["cpu_ratio_to_raw"] = result["cpu_us_per_iter"] / ref["cpu_us_per_iter"] if ref else None
     return results

@@ -20,7 +20,7 @@ LIGHTNING = {"lightning", "lightning_full"}
 # Every record's fields and the types their values may have (None: not measured on this device).
 FIELDS = {
     "model": str, "runner": str, "precision": str, "device": str, "samples_per_s": numbers.Real,
-    "us_per_iter": numbers.Real, "ratio_to_raw": numbers.Real, "peak_mem_mb": (numbers.Real, type(None)),
+    "us_per_iter": numbers.Real, "cpu_us_per_iter": numbers.Real, "ratio_to_raw": numbers.Real, "peak_mem_mb": (numbers.Real, type(None)),
     "host_syncs_per_iter": (numbers.Real, type(None)), "torch": str, "ignite": str,
     "lightning": (str, type(None)), "date": str, "commit": str,
 }
