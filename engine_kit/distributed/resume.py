@@ -120,8 +120,10 @@ def resume_every_rank(
     agree(f"check the checkpoint {chosen['name']!r} against this run", check)
 
     def apply() -> None:
-        restore_training_state(engine, payload, strict=strict)
-        restore_own_rank_state(payload, engine.state.dataloader, rank())
+        report = restore_training_state(engine, payload, strict=strict)
+        # An inexact resume (strict=False) may have left the data position alone on purpose: so does this.
+        loader = engine.state.dataloader if not report.inexact else None
+        restore_own_rank_state(payload, loader, rank())
 
     agree(f"apply the checkpoint {chosen['name']!r}", apply)
     check_same("the resumed position", _position(engine))
