@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU acceptance check in one command, for a CUDA machine (about 6-8 minutes on an H100/H200):
+# Every GPU acceptance check in one command, for a CUDA machine (sized for under 8 minutes on an H100/H200;
+# not yet timed on one):
 #   1. the GPU tests, tests/**/*_gpu.py: bf16/fp16 steps, no host sync in steady-state bf16
 #      iterations, fp16 overflow skip, unscaled grad-norm logging, bitwise resume with CUDA RNG
 #      and GradScaler state;
