@@ -89,10 +89,15 @@ class TrainerEngine(GuardedEngine):
             else "it advances on every micro-batch, and only the value set at a window's last micro-batch reaches "
             "an update"
         )
+        fix = (
+            "use handlers.attach_scheduler(trainer, scheduler), which steps it after each optimizer step."
+            if torch_scheduler
+            else "attach it to StepEvents.STEP_STARTED, which fires once per optimizer step before the step's "
+            "first forward (and holds on a step GradScaler skipped)."
+        )
         warnings.warn(
             f"{type(getattr(handler, '__self__', handler)).__name__} attached to Events.{base.name} of a trainer with "
-            f"accumulation_steps={accumulation}: {effect}. To fix: attach it to StepEvents.STEP_STARTED, which "
-            "fires once per optimizer step before the step's first forward (and holds on a step GradScaler skipped).",
+            f"accumulation_steps={accumulation}: {effect}. To fix: {fix}",
             UserWarning,
             stacklevel=3,  # the caller of add_event_handler
         )

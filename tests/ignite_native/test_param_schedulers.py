@@ -124,3 +124,13 @@ def test_step_started_holds_on_a_step_gradscaler_skipped(monkeypatch):
     # The retried window uses the skipped step's value; the schedule then resumes where it was.
     assert [lr for _, lr in lrs] == pytest.approx([0.0, 0.025, 0.025, 0.05])
     assert trainer.state.steps_started == 3 and trainer.state.optimizer_steps == 3
+
+
+def test_a_torch_scheduler_step_on_iterations_warns_toward_attach_scheduler():
+    model = mlp(in_features=2, out=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = create_trainer(model, optimizer, F.mse_loss, accumulation_steps=4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    with pytest.warns(UserWarning, match=r"StepLR attached to Events\.ITERATION_COMPLETED.*every micro-batch.*"
+                                         r"To fix: use handlers\.attach_scheduler"):
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, scheduler.step)
