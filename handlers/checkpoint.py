@@ -13,8 +13,8 @@ import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from engine_kit.checkpoint import CheckpointDirectory, load_checkpoint_file
-from engine_kit.distributed import add_rank_states, agree, check_shared_directory, decide, gather_rank_states, is_multiprocess
-from engine_kit.distributed.resume import resume_every_rank
+from engine_kit.distributed import add_rank_states, agree, decide, gather_rank_states, is_multiprocess
+from engine_kit.distributed.resume import check_run_start, resume_every_rank
 from engine_kit.errors import CheckpointDirectoryNotEmptyError, fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful, save_refusal
@@ -136,8 +136,8 @@ class CheckpointRotation(Handler):
         register_stateful(trainer, "checkpoint_rotation", self)
         register_validation_events(trainer)
         trainer.state.resumed_from = None
-        # Multi-process: syncs with rank 0 (which created the directory) and refuses node-local directories.
-        trainer.add_event_handler(Events.STARTED, lambda: check_shared_directory(self.dirname))
+        # Refuses a sharded (FSDP2) model; multi-process: syncs with rank 0 (which created the directory), refuses node-local ones.
+        trainer.add_event_handler(Events.STARTED, lambda engine: check_run_start(engine, self.dirname))
         if self.resume is not None:
             trainer.add_event_handler(Events.STARTED, self._resume)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
