@@ -9,7 +9,6 @@ import os
 from typing import Any, Callable, Mapping
 
 import ignite.distributed as idist
-import torch
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
@@ -35,6 +34,7 @@ from engine_kit.doctor import (
     planned_optimizer_steps,
 )
 from engine_kit.doctor.step_checks import first_non_finite
+from engine_kit.doctor.validation_checks import loss_key
 from engine_kit.engine import cleanup_handler
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
@@ -42,60 +42,13 @@ from engine_kit.stateful import stateful_objects
 from handlers.base import Handler, check_state_keys, require_step_events
 from handlers.checkpoint import CheckpointRotation
 from handlers.events import ValidationEvents, register_validation_events
+from handlers.grad_norm import GradNormLogger
 from handlers.step_log import StepLog
-from handlers.step_window import fetch
+from handlers.step_rows import StepRows
 from handlers.tensorboard import TensorBoardLogger
 from handlers.validation import Validation
 
 logger = logging.getLogger("engine_kit.doctor")
-
-
-class StepRows:
-    """The step log's rows, read from the ``StepLog`` file after its own flushes (host data only).
-
-    Without a ``StepLog`` on the trainer, ``record`` keeps each step's loss and
-    gradient norm as the step's own tensors and ``rows`` reads them in one
-    transfer, at the doctor's (rare) review points.
-    """
-
-    def __init__(self) -> None:
-        self.step_log: StepLog | None = None
-        self._rows: list[dict[str, Any]] = []
-        self._offset = 0
-        self._pending: list[tuple[int, Any, Any]] = []
-
-    def record(self, engine: Engine) -> None:
-        output = engine.state.output
-        self._pending.append((engine.state.optimizer_steps, output.loss, output.grad_norm))
-
-    def rows(self) -> list[dict[str, Any]]:
-        if self.step_log is not None:
-            self._read_file(self.step_log)
-        elif self._pending:
-            pending, self._pending = self._pending, []
-            values = fetch([value for _, loss, norm in pending for value in (loss, norm)])
-            self._rows += [{"step": step, "loss": values[2 * i], "grad_norm": values[2 * i + 1]}
-                           for i, (step, _, _) in enumerate(pending)]
-        return self._rows
-
-    def _read_file(self, step_log: StepLog) -> None:
-        step_log.flush()  # a no-op unless steps are pending: the log's own read, not one more per step
-        if not os.path.exists(step_log.path):
-            return
-        if os.path.getsize(step_log.path) < self._offset:  # truncated by a resume: read it again
-            self._rows, self._offset = [], 0
-        with open(step_log.path, "rb") as f:
-            f.seek(self._offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1  # whole lines only
-        self._offset += end
-        for line in data[:end].splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "step" in row:
-                self._rows.append(row)
 
 
 class Doctor(Handler):
@@ -113,9 +66,11 @@ class Doctor(Handler):
       ``settings.timing_iterations`` iterations, host clocks time the wait
       for batches. Then these per-iteration handlers detach themselves;
     * at each validation and each epoch end: the model left in eval mode,
-      overfitting, and the step-log checks (loss not falling, gradient norm
-      rising, clipping share, first NaN/inf), on the rows ``StepLog`` has
-      already written (its file is read; nothing on the device is).
+      overfitting, and (each time the run has doubled its optimizer steps,
+      and at the end) the step-log checks: loss not falling, gradient norm
+      rising, clipping share, first NaN/inf. They read values other handlers
+      already brought to the host (``StepRows``): ``GradNormLogger``'s norms
+      and the first rows of ``StepLog``'s file; nothing on the device.
 
     So in steady state the doctor adds no work per iteration and no host
     sync. Without a ``StepLog`` on the trainer it keeps each step's loss and
@@ -187,6 +142,7 @@ class Doctor(Handler):
         self._clock = BatchWaitClock(self.settings.timing_iterations)
         self._batches_checked = 0
         self._windows_seen = 0
+        self._reviewed_steps = 0
         self._with_gradient: set[int] = set()
         self._handles: dict[str, RemovableEventHandle] = {}
 
@@ -280,13 +236,15 @@ class Doctor(Handler):
             findings += check_schedule(getattr(state, "lr_schedulers", []), self._planned, self.settings)
         validations = self._others(engine, Validation)
         val_loaders = [v.loader for v in validations] + ([self.val_loader] if self.val_loader is not None else [])
-        train_data = self.train_data or next((v.train_data for v in validations if v.train_data is not None),
-                                             state.dataloader)
+        given = [self.train_data] + [v.train_data for v in validations]
+        train_data = next((data for data in given if data is not None), state.dataloader)
         for loader in val_loaders:
             findings += check_validation_data(train_data, loader, self.settings)
         for rotation in self._others(engine, CheckpointRotation):
             findings += check_best_kept(rotation.policy.keep_best, bool(val_loaders), rotation.metric)
         self._rows.step_log = next((log for log in self._others(engine, StepLog) if log._enabled), None)
+        self._rows.grad_norms = next(iter(self._others(engine, GradNormLogger)), None)
+        self._rows.max_grad_norm = step.max_grad_norm
         if self._rows.step_log is None and "record" not in self._handles:
             self._handles["record"] = engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self._rows.record)
         if not isinstance(step.loss_fn, LossProbe):
@@ -334,10 +292,13 @@ class Doctor(Handler):
     def _after_validation(self, engine: Engine) -> None:
         self.report(check_train_mode(engine.step.model, f"validation {engine.state.validations}",
                                      engine.state.optimizer_steps))
+        history = engine.state.val_history
+        if "overfitting" in self.codes or len(history) <= self.settings.overfit_validations or not loss_key(history):
+            return  # nothing to judge yet: the step log is not read
         rotations = self._others(engine, CheckpointRotation)
         best = rotations[0].best() if rotations and rotations[0].policy.keep_best else None
-        self.report(check_overfitting(engine.state.val_history, self._rows.rows(), self.settings,
-                                      best and best.get("name")))
+        rows = self._rows.rows(self.settings.loss_window, complete=True)  # losses between validations
+        self.report(check_overfitting(history, rows, self.settings, best and best.get("name")))
 
     def _after_epoch(self, engine: Engine) -> None:
         self.report(check_train_mode(engine.step.model, f"the end of epoch {engine.state.epoch}",
@@ -345,7 +306,15 @@ class Doctor(Handler):
         self._review(engine, final=False)
 
     def _review(self, engine: Engine, *, final: bool) -> None:
-        rows = self._rows.rows()
+        steps = engine.state.optimizer_steps
+        if not final and steps < 2 * self._reviewed_steps:
+            return  # judged again once the run has doubled its steps: all reviews together cost O(steps)
+        if final and steps == self._reviewed_steps and steps >= self.settings.loss_window:
+            return  # the last epoch's review saw every step, and the loss window was complete
+        self._reviewed_steps = max(steps, 1)
+        rows = self._rows.rows(self.settings.loss_window)
+        if getattr(engine.state, "nan_detected", False) or first_non_finite(rows) is not None:
+            rows = self._rows.rows(self.settings.loss_window, complete=True)  # to name the step and the loss
         bad_groups = None
         if final and first_non_finite(rows) is not None and "non-finite" not in self.codes:
             bad_groups = parameter_groups_with_non_finite(engine.step.optimizer)  # once, at the end

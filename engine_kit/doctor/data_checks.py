@@ -90,8 +90,12 @@ def _item_digest(item: Any) -> bytes:
     while stack:
         value = stack.pop()
         if isinstance(value, torch.Tensor):
-            digest.update(str((value.dtype, tuple(value.shape))).encode())
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            tensor = value.detach()
+            digest.update(str(tensor.shape).encode())
+            try:
+                digest.update(tensor.numpy().tobytes())  # the fast path: a CPU tensor of a numpy dtype
+            except (TypeError, RuntimeError):  # on a device, or bf16: bytes through a copy
+                digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(value, (tuple, list)):
             stack.extend(reversed(value))
         elif isinstance(value, dict):

@@ -103,7 +103,7 @@ def no_decay_names(model: torch.nn.Module) -> list[str]:
     names = []
     for module_name, module in model.named_modules():
         for name, _ in module.named_parameters(recurse=False):
-            if name == "bias" or isinstance(module, NORM_LAYERS):
+            if name == "bias" or name.endswith("_bias") or isinstance(module, NORM_LAYERS):  # in_proj_bias too
                 names.append(f"{module_name}.{name}" if module_name else name)
     return names
 

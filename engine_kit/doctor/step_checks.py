@@ -16,7 +16,7 @@ Row = dict[str, Any]
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value is not None and math.isfinite(value)
 
 
 def stepped(rows: Sequence[Row]) -> list[Row]:
@@ -30,8 +30,11 @@ def first_non_finite(rows: Sequence[Row]) -> Row | None:
     >>> first_non_finite([{"step": 1, "loss": 1.0, "grad_norm": 2.0}, {"step": 2, "loss": float("nan")}])["step"]
     2
     """
-    for row in stepped(rows):
-        if any(row.get(key) is not None and not _finite(row[key]) for key in ("loss", "grad_norm")):
+    isfinite = math.isfinite  # a plain loop: this runs over every step of the log
+    for row in rows:
+        loss, norm = row.get("loss"), row.get("grad_norm")
+        if not row.get("skipped") and ((loss is not None and not isfinite(loss))
+                                       or (norm is not None and not isfinite(norm))):
             return row
     return None
 
@@ -183,5 +186,7 @@ def check_grad_norm_trend(rows: Sequence[Row], planned: int, settings: DoctorSet
 def check_steps(rows: Sequence[Row], max_grad_norm: float | None, planned: int, settings: DoctorSettings,
                 *, final: bool, bad_groups: list[int] | None = None) -> list[Finding]:
     """Every step-log check: non-finite values, loss trend, clipping share, gradient-norm trend."""
-    return (check_non_finite(rows, bad_groups) + check_loss_trend(rows, settings, final=final)
-            + check_clipping(rows, max_grad_norm, planned, settings) + check_grad_norm_trend(rows, planned, settings))
+    findings = check_non_finite(rows, bad_groups)
+    clean = _finite_prefix(rows)  # once here, so the trend checks scan finite rows only
+    return (findings + check_loss_trend(clean, settings, final=final)
+            + check_clipping(clean, max_grad_norm, planned, settings) + check_grad_norm_trend(clean, planned, settings))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
 import math
-import statistics
 from typing import Any, Sequence
 
 from engine_kit.doctor.findings import DoctorSettings, Finding
@@ -21,10 +21,19 @@ def loss_key(history: Sequence[dict[str, Any]]) -> str | None:
     return next((k for k in keys if "loss" in k.lower()), None)
 
 
-def _train_loss_between(rows: Sequence[dict[str, Any]], after: int, upto: int) -> float | None:
-    losses = [r["loss"] for r in rows if after < r["step"] <= upto and not r.get("skipped")
-              and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
-    return statistics.fmean(losses) if losses else None
+def _interval_means(rows: Sequence[dict[str, Any]], bounds: list[int]) -> list[float | None]:
+    """Mean finite training loss of the steps in each interval ``(bounds[i - 1], bounds[i]]`` (one pass)."""
+    sums = [0.0] * len(bounds)
+    counts = [0] * len(bounds)
+    for row in rows:
+        loss = row.get("loss")
+        if row.get("skipped") or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            continue
+        i = bisect.bisect_left(bounds, row["step"])
+        if i < len(bounds):
+            sums[i] += loss
+            counts[i] += 1
+    return [total / count if count else None for total, count in zip(sums, counts)]
 
 
 def check_overfitting(history: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], settings: DoctorSettings,
@@ -44,12 +53,8 @@ def check_overfitting(history: Sequence[dict[str, Any]], rows: Sequence[dict[str
     k = settings.overfit_validations
     if key is None or len(history) < k + 1:
         return []
-    points = []
-    previous_step = 0
-    for entry in history:
-        step = int(entry.get("optimizer_steps") or 0)
-        points.append((entry, entry.get(key), _train_loss_between(rows, previous_step, step)))
-        previous_step = step
+    bounds = [int(entry.get("optimizer_steps") or 0) for entry in history]
+    points = list(zip(history, (entry.get(key) for entry in history), _interval_means(rows, bounds)))
     for end in range(k, len(points)):
         span = points[end - k:end + 1]
         values = [value for _, value, _ in span]

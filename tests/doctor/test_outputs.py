@@ -89,3 +89,11 @@ def test_without_a_step_log_the_doctor_keeps_step_values_itself():
 def test_doctor_command_on_a_missing_directory(tmp_path, capsys):
     assert doctor_main(str(tmp_path / "nowhere")) == 2
     assert "To fix" in capsys.readouterr().out
+
+
+def test_with_grad_norm_logger_only_the_first_rows_of_the_step_log_are_parsed(tmp_path):
+    _, stack = _standard_run(tmp_path, lambda m: torch.optim.Adam(m.parameters(), lr=0.01), 90,
+                             max_grad_norm=0.01)
+    assert stack.doctor.codes == ["clipping-share"]
+    assert "(72 of 72; steady state taken as steps 19-90" in stack.doctor.findings[0].evidence
+    assert len(stack.doctor._rows._rows) == 50  # the loss window; the norms came from GradNormLogger
