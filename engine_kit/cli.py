@@ -4,6 +4,7 @@
     engine-kit ckpt inspect PATH    a human summary of a checkpoint file, or a directory's checkpoints each verified
     engine-kit ckpt repair DIR      rebuild the directory's index from the files that verify; print what changed
     engine-kit report RUN_DIR       regenerate plots and summary from a run's logs
+    engine-kit doctor RUN_DIR       print the loop doctor's findings from a run's logs (exit 1 when any)
 
 Checkpoints are never unpickled unsafely: reading goes through the trailer
 check, the pickle allow-list scan and ``torch.load(weights_only=True)``;
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt_commands.add_parser("inspect", help="summarize a checkpoint file, or verify and list a directory").add_argument("path")
     ckpt_commands.add_parser("repair", help="rebuild a directory's index from its files; print what changed").add_argument("path")
     commands.add_parser("report", help="rebuild plots and summary of a run directory").add_argument("run_dir")
+    commands.add_parser("doctor", help="print the training mistakes found in a run directory").add_argument("run_dir")
     return parser
 
 
@@ -55,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         action = {"verify": ckpt.verify_command, "inspect": ckpt.inspect_command, "repair": ckpt.repair_command}[args.action]
         return action(args.path)
+    if args.command == "doctor":
+        from engine_kit.doctor.run_dir import main as doctor_main
+
+        return doctor_main(args.run_dir)
     return _report(args.run_dir)
 
 

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from engine_kit.doctor.run_dir import diagnose_run, markdown_section
 from engine_kit.errors import fix_message
 
 
@@ -169,8 +170,10 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     steps, run = load_run(run_dir)
     summary = summarize(steps, run)
+    findings = diagnose_run(run_dir)  # what the Doctor recorded, and what these logs show
+    summary["doctor"] = [finding.to_dict() for finding in findings]
     plot_grad_norm_histogram(steps, run.get("max_grad_norm"), run_dir / "grad_norm_hist.png")
     plot_curves(steps, run, run_dir / "curves.png")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (run_dir / "summary.md").write_text(_markdown(summary))
+    (run_dir / "summary.md").write_text(_markdown(summary) + markdown_section(findings))
     return summary

@@ -1,7 +1,7 @@
 """The FashionMNIST lab: engine_kit's flagship run, composed from the public API only.
 
 A small CNN (two conv-relu-pool blocks, a 128-unit head, 10 classes) trained
-with AdamW + OneCycleLR, clipping at 1.0, physical batch 32 x accumulation 4,
+with AdamW + OneCycleLR, clipping at 10.0, physical batch 32 x accumulation 4,
 AMP on GPU, atomic "last" and "best" checkpoints, a simulated crash and an
 automatic resume. Offline it trains on scikit-learn's bundled digits and says so.
 
@@ -40,12 +40,14 @@ from ignite.metrics import Accuracy, Loss
 
 from engine_kit import create_evaluator, create_trainer
 from engine_kit.data_order import ResumableLoader
+from engine_kit.doctor import decay_groups
 from engine_kit.errors import CheckpointMismatchError, HandlerError, RunDirectoryError
 from engine_kit.report import write_report
 from engine_kit.run_directory import prepare_run_directory
 from engine_kit.stateful import register_stateful
 from handlers import (
     CheckpointRotation,
+    Doctor,
     GradNormLogger,
     NanGuard,
     StepLog,
@@ -59,7 +61,9 @@ from handlers.preemption import PREEMPTED_EXIT_STATUS, Preemption
 
 PHYSICAL_BATCH = 32
 ACCUMULATION = 4
-MAX_GRAD_NORM = 1.0
+# A safety net against spikes, not a limit on every update: at 1.0 the lab clipped 87% of its
+# steady-state steps (pre-clip norms 1.3-8.6 after the warm-up); at 10.0 under 5% clip.
+MAX_GRAD_NORM = 10.0
 LEARNING_RATE = 1e-3
 MAX_LR = 3e-3
 
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, shuffle=False)
 
     model = make_model().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    # Weight decay on the weights only, none on biases (what the doctor checks).
+    optimizer = torch.optim.AdamW(decay_groups(model, weight_decay=0.01), lr=LEARNING_RATE)
     trainer = create_trainer(model, optimizer, F.cross_entropy, device=device, precision=args.precision,
                              accumulation_steps=ACCUMULATION, max_grad_norm=MAX_GRAD_NORM)
     steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), ACCUMULATION)
@@ -244,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     GradNormLogger(flush_every=25, writer=tensorboard.writer).attach(trainer)
     StepLog(run_dir / "steps.jsonl", flush_every=25).attach(trainer)
     NanGuard(check_every=25).attach(trainer)
+    Doctor(path=run_dir / "doctor.json", train_data=train_set).attach(trainer)
     facts = RunFacts()
     register_stateful(trainer, "run_facts", facts)
     # At least two "last" saves per epoch, even on the small offline dataset.

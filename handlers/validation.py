@@ -9,9 +9,9 @@ from typing import Any, Mapping
 
 import torch
 from ignite.engine import Engine, Events
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
-from engine_kit.data_order import ResumableLoader
+from engine_kit.doctor.data_checks import footprint as _footprint  # the checks the loop doctor runs too
+from engine_kit.doctor.data_checks import shared_samples, shuffle_reason
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful
@@ -27,69 +27,6 @@ def _check_every(name: str, value: Any) -> int | None:
     if value < 1:
         raise ValueError(fix_message(f"{name}={value} is below 1.", f"pass {name}=1 or another integer >= 1."))
     return int(value)
-
-
-def shuffle_reason(loader: Any) -> str | None:
-    """Why ``loader`` yields its samples in a random order, or None when it does not.
-
-    >>> shuffle_reason(DataLoader(list(range(4)), shuffle=True))
-    'its sampler is a RandomSampler (shuffle=True)'
-    >>> shuffle_reason(DataLoader(list(range(4)))) is None
-    True
-    """
-    if isinstance(loader, ResumableLoader):
-        return "it is a ResumableLoader built with shuffle=True" if loader.state_dict()["shuffle"] else None
-    if not isinstance(loader, DataLoader):
-        return None
-    samplers = [("sampler", loader.sampler)]
-    if loader.batch_sampler is not None:
-        samplers.append(("batch_sampler's sampler", getattr(loader.batch_sampler, "sampler", None)))
-    for where, sampler in samplers:
-        if isinstance(sampler, RandomSampler):
-            return f"its {where} is a RandomSampler (shuffle=True)"
-        if isinstance(sampler, DistributedSampler) and sampler.shuffle:
-            return f"its {where} is a DistributedSampler with shuffle=True"
-    return None
-
-
-def _footprint(data: Any) -> tuple[Any, set[int] | None]:
-    """The base dataset that ``data`` draws from, and which of its indices (None: all)."""
-    dataset = data.dataset if hasattr(data, "dataset") and not isinstance(data, Subset) else data
-    indices: list[int] | None = None
-    # A Subset of a Subset indexes into its parent: compose down to the base dataset.
-    while isinstance(dataset, Subset):
-        own = [int(i) for i in dataset.indices]
-        indices = own if indices is None else [own[j] for j in indices]
-        dataset = dataset.dataset
-    return dataset, None if indices is None else set(indices)
-
-
-def shared_samples(train_data: Any, val_data: Any) -> int | None:
-    """How many validation samples are also training samples; None when unknown or none.
-
-    Both arguments may be loaders (their ``.dataset`` is used) or datasets;
-    ``Subset``s (nested too) are resolved to their base dataset and indices.
-    Data of unrelated objects never overlaps: only identity is compared.
-
-    >>> base = torch.utils.data.TensorDataset(torch.arange(10.0))
-    >>> shared_samples(Subset(base, range(0, 6)), Subset(base, range(4, 10)))
-    2
-    >>> shared_samples(Subset(base, range(0, 5)), Subset(base, range(5, 10))) is None
-    True
-    """
-    train_base, train_idx = _footprint(train_data)
-    val_base, val_idx = _footprint(val_data)
-    if train_base is not val_base:
-        return None
-    if train_idx is None and val_idx is None:
-        shared = len(val_base) if hasattr(val_base, "__len__") else 1
-    elif train_idx is None:
-        shared = len(val_idx)  # type: ignore[arg-type]
-    elif val_idx is None:
-        shared = len(train_idx)
-    else:
-        shared = len(train_idx & val_idx)
-    return shared or None
 
 
 def _as_number(value: Any) -> Any:

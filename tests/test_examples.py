@@ -36,6 +36,11 @@ def custom_events(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return run_example("custom_events.py", tmp_path_factory.mktemp("custom_events") / "out.json", timeout=60)
 
 
+def test_doctor_demo_finds_exactly_the_three_planted_mistakes(tmp_path: Path) -> None:
+    found = run_example("doctor_demo.py", tmp_path / "out.json", timeout=120)
+    assert sorted(found["codes"]) == ["probabilities-into-logits-loss", "validation-overlap", "weight-decay-on-norms"]
+
+
 def test_char_lm_loss_falls(char_lm: dict) -> None:
     losses = char_lm["losses"]
     assert len(losses) == char_lm["optimizer_steps"] == 40
