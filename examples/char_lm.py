@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from engine_kit import create_trainer
+from engine_kit.doctor import decay_groups
 from handlers.schedulers import attach_scheduler, optimizer_steps_per_epoch, warmup_cosine
 
 # A fixed set of standard-library sources (~150 KB): the same text on every run
@@ -244,7 +245,7 @@ def run(config: Config, *, device: str, seed: int) -> dict:
     model = CharTransformer(
         len(chars), d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads, context=config.context
     ).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(decay_groups(model, weight_decay=0.01), lr=config.lr)
     trainer = create_trainer(
         model,
         optimizer,

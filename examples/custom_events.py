@@ -28,6 +28,7 @@ from ignite.metrics import Accuracy
 from sklearn.datasets import load_digits
 
 from engine_kit import StepEvents, create_evaluator, create_trainer
+from engine_kit.doctor import decay_groups
 from handlers.schedulers import attach_scheduler, onecycle_total_steps, warmup_cosine
 
 
@@ -128,7 +129,7 @@ def run(*, epochs: int, seed: int) -> dict:
     torch.manual_seed(seed)
     train_loader, val_loader = digits_loaders(batch_size=32, seed=seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(decay_groups(model, weight_decay=0.01), lr=1e-2)
     accumulation_steps = 2
     trainer = create_trainer(model, optimizer, F.cross_entropy, accumulation_steps=accumulation_steps)
     evaluator = create_evaluator(model, metrics={"accuracy": Accuracy()})

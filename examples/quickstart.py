@@ -12,6 +12,7 @@ from ignite.metrics import Accuracy
 from sklearn.datasets import load_digits
 
 from engine_kit import StepEvents, create_evaluator, create_trainer
+from engine_kit.doctor import decay_groups
 
 
 def main() -> None:
@@ -25,7 +26,8 @@ def main() -> None:
     val_loader = torch.utils.data.DataLoader(val, batch_size=256)
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # Weight decay on weight matrices only: decaying biases and norm scales only hurts.
+    optimizer = torch.optim.AdamW(decay_groups(model, weight_decay=0.01), lr=3e-3)
     trainer = create_trainer(model, optimizer, F.cross_entropy, accumulation_steps=2, max_grad_norm=1.0)
     evaluator = create_evaluator(model, metrics={"accuracy": Accuracy()})
 
