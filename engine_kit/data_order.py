@@ -15,22 +15,20 @@ number of workers. Three pieces make that true:
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from engine_kit.dataset_fingerprint import dataset_fingerprint
 from engine_kit.errors import fix_message
+from engine_kit.seeding import host_rng_preserved, mix_seed, seed_host_rngs
 
 __all__ = ["ResumableLoader", "dataset_fingerprint", "epoch_order", "mix_seed"]
 
-_MASK64 = (1 << 64) - 1
 # Salts keep the seeds of the order, the samples, the workers and the
 # DataLoader's generator independent although all derive from (seed, epoch).
 _ORDER, _SAMPLE, _WORKER, _LOADER = 1, 2, 3, 4
@@ -38,32 +36,7 @@ _STATE_KEYS = ("seed", "epoch", "consumed", "batch_size", "shuffle", "drop_last"
 # Recorded since the dataset fingerprint and world size were added: optional when reading.
 _OPTIONAL_KEYS = ("dataset_fingerprint", "num_replicas")
 _MUST_MATCH = ("seed", "batch_size", "shuffle", "drop_last", "dataset_len", "dataset_fingerprint", "num_replicas")
-_FINGERPRINT_SEED = 0x5EED
 _STATE_FIX = "pass the dict returned by ResumableLoader.state_dict()."
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def mix_seed(*values: int) -> int:
-    """Hash integers into a seed in ``[0, 2**63)``, identical in every process and run.
-
-    Python's ``hash`` of an int is the int itself (neighbouring seeds would give
-    correlated streams) and is salted per process for strings; splitmix64 is neither.
-
-    >>> mix_seed(0, 1) == mix_seed(0, 1) != mix_seed(1, 0)
-    True
-    >>> 0 <= mix_seed(-5, 2**70) < 2**63
-    True
-    """
-    h = 0
-    for value in values:
-        h = _splitmix64(h ^ (value & _MASK64))
-    return h >> 1
 
 
 def epoch_order(dataset_len: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -91,14 +64,6 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(fix_message(f"{name}={value} is below {minimum}.", f"pass an integer >= {minimum}."))
 
 
-def _seed_everything(seed: int) -> None:
-    # The CPU generator only: torch.manual_seed would also reseed CUDA, whose
-    # stream belongs to the training step (dropout on the GPU).
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # legacy numpy takes 32-bit words
-
-
 class _ReseededDataset(Dataset):
     """Loads ``dataset[index]`` for an ``(index, sample_seed)`` key after seeding every RNG."""
 
@@ -114,18 +79,11 @@ class _ReseededDataset(Dataset):
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
         if get_worker_info() is not None:
             return [self._load(index, seed) for index, seed in keys]  # a worker's RNG serves loading alone
-        # In the main process the global RNG also drives the training loop
-        # (dropout, noise); loading data must leave it exactly as it was.
-        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        try:
+        with host_rng_preserved():
             return [self._load(index, seed) for index, seed in keys]
-        finally:
-            torch.set_rng_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
 
     def _load(self, index: int, seed: int) -> Any:
-        _seed_everything(seed)
+        seed_host_rngs(seed)
         return self.dataset[index]
 
 
@@ -137,7 +95,7 @@ class _WorkerSeeder:
         self.epoch = 0  # set before each DataLoader iterator, hence its workers, is created
 
     def __call__(self, worker_id: int) -> None:
-        _seed_everything(mix_seed(self.seed, self.epoch, _WORKER, self.rank, worker_id))
+        seed_host_rngs(mix_seed(self.seed, self.epoch, _WORKER, self.rank, worker_id))
         if self.user_fn is not None:
             self.user_fn(worker_id)
 
@@ -419,52 +377,6 @@ class ResumableLoader:
     def rank(self) -> int:
         """This process's rank."""
         return self._plan.rank
-
-
-def _hash_sample(digest: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().contiguous()
-        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, np.ndarray):
-        digest.update(f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, (tuple, list)):
-        digest.update(f"{type(value).__name__}{len(value)}".encode())
-        for item in value:
-            _hash_sample(digest, item)
-    elif isinstance(value, Mapping):
-        for key in sorted(value, key=repr):
-            digest.update(repr(key).encode())
-            _hash_sample(digest, value[key])
-    elif isinstance(value, (int, float, str, bytes, bool)) or value is None:
-        digest.update(repr(value).encode())
-    elif hasattr(value, "tobytes"):  # PIL images and the like
-        digest.update(type(value).__name__.encode() + value.tobytes())
-    else:
-        digest.update(type(value).__name__.encode())
-
-
-def dataset_fingerprint(dataset: Any) -> str:
-    """SHA-256 (16 hex digits) of a dataset's type, length and first, middle and last samples.
-
-    Cheap (three samples) and deterministic: the samples are loaded with every
-    RNG seeded, and the caller's RNG states are put back afterwards.
-
-    >>> dataset_fingerprint(list(range(10))) == dataset_fingerprint(list(range(10)))
-    True
-    """
-    length = len(dataset)
-    digest = hashlib.sha256(f"{type(dataset).__qualname__}:{length}".encode())
-    saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    try:
-        for index in sorted({0, length // 2, length - 1}):
-            _seed_everything(mix_seed(_FINGERPRINT_SEED, index))
-            _hash_sample(digest, dataset[index])
-    finally:
-        torch.set_rng_state(saved[0])
-        random.setstate(saved[1])
-        np.random.set_state(saved[2])
-    return digest.hexdigest()[:16]
 
 
 def _dataset_length(dataset: Any) -> int:
