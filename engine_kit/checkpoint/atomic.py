@@ -149,7 +149,14 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], Any], *, replace: bool = True) -> None:
+def atomic_write(
+    path: str | os.PathLike[str],
+    write_fn: Callable[[IO[bytes]], Any],
+    *,
+    replace: bool = True,
+    sync_file: bool = True,
+    sync_directory: bool = True,
+) -> None:
     """Write a file so that its final name never holds partial bytes.
 
     Args:
@@ -158,6 +165,11 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], A
             writes the content and returns anything (ignored).
         replace: whether an existing regular file at ``path`` is replaced
             (the registry) or the write refused (a checkpoint: never overwritten).
+        sync_file: fsync the content before the rename. Only for files that
+            can be rebuilt when a power loss leaves them empty or stale (the
+            index) may this be False; the rename stays atomic either way.
+        sync_directory: fsync the directory after the rename. False when
+            the caller fsyncs it once after several renames.
 
     Raises:
         CheckpointExistsError: ``replace=False`` and something is at ``path``.
@@ -183,7 +195,8 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], A
         with os.fdopen(fd, "wb") as fileobj:
             write_fn(fileobj)
             fileobj.flush()
-            os.fsync(fileobj.fileno())
+            if sync_file:
+                os.fsync(fileobj.fileno())
         _move_into_place(tmp, final, replace)
     except BaseException as exc:
         _remove_quietly(tmp)
@@ -195,6 +208,8 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[IO[bytes]], A
                 "free disk space / fix the I/O error, or make the payload serializable, then save again.",
             )
         ) from exc
+    if not sync_directory:
+        return
     try:
         fsync_directory(directory)
     except OSError as exc:

@@ -9,8 +9,9 @@ refusal, never a deletion.
 Ordering is what keeps a crash harmless:
 
 - :meth:`CheckpointDirectory.commit` writes the file atomically, *then*
-  indexes it. A kill in between leaves a complete file the index does not
-  list yet; the next open adopts it.
+  indexes it, then fsyncs the directory once for both renames, and only
+  then deletes the files rotation ranked out. A kill in between leaves a
+  complete file the index does not list yet; the next open adopts it.
 - :meth:`CheckpointDirectory.remove` unindexes first (noting the names as
   pending deletions), *then* unlinks. A kill in between leaves pending
   files, deleted at the next open, never an entry for a missing file, so
@@ -50,6 +51,7 @@ from typing import Any, NamedTuple
 
 from engine_kit.checkpoint.atomic import fsync_directory, sweep_stale_temps, temp_prefix
 from engine_kit.checkpoint.fileformat import save_checkpoint_file
+from engine_kit.checkpoint.index import IndexState
 from engine_kit.checkpoint.lock import DirectoryLock
 from engine_kit.checkpoint.reader import IndexedReader
 from engine_kit.checkpoint.record import CheckpointRecord
@@ -210,8 +212,20 @@ class CheckpointDirectory(IndexedReader):
         tags: Iterable[str] = (),
         metric: float | None = None,
         run_id: str | None = None,
+        retag: Mapping[str, Iterable[str]] | None = None,
+        rotate_out: Iterable[str] = (),
     ) -> RegistryEntry:
         """Write ``payload`` and its record to the new file ``name`` atomically, then index it.
+
+        One save costs two fsyncs: the new file's content, then the
+        directory once, covering both the file's rename and the index's.
+        The index is replaced atomically but not fsynced on its own: a power
+        loss that leaves it stale or empty is detected at the next open (a
+        file it does not list is adopted, an entry without its file is
+        dropped) and the index rebuilt from the files. ``rotate_out`` files
+        are unindexed in the same index write (noted as pending deletions)
+        and unlinked only after the directory fsync made the new file
+        durable; a crash before the unlinks leaves them to the next open.
 
         Args:
             name: a name no file in the directory has (see :meth:`next_name`).
@@ -221,6 +235,10 @@ class CheckpointDirectory(IndexedReader):
             tags: labels such as ``"last"``/``"best"``.
             metric: the score used for best-k ranking (NaN/inf allowed).
             run_id: the identity of the writing run (default: the directory's ``run_id``).
+            retag: new tags for indexed checkpoints (and for ``name``), written
+                in the same index update (see :meth:`retag`).
+            rotate_out: indexed names to delete once the new file is durable
+                (rotation; see :meth:`remove`).
 
         Returns:
             The index entry.
@@ -254,16 +272,53 @@ class CheckpointDirectory(IndexedReader):
                     "take a fresh name from next_name(step).",
                 )
             )
+        new_tags = self._checked_tags(retag or {}, {entry.name for entry in state.entries} | {name})
+        doomed = self._checked_names(rotate_out, state)
+        if name in doomed:
+            raise ValueError(fix_message(f"rotate_out names the new checkpoint {name!r}.", "rotate out only older, indexed names."))
         record = CheckpointRecord(name, step, epoch, state.next_order, tags, metric, run_id, time.time())
-        info = save_checkpoint_file(os.path.join(self.path, name), payload, record=record, replace=False)
-        entry = RegistryEntry(name, info.sha256, info.size_bytes, step, epoch, tags, metric, record.created, record.order, run_id)
+        info = save_checkpoint_file(os.path.join(self.path, name), payload, record=record, replace=False, sync_directory=False)
+        entry = RegistryEntry(name, info.sha256, info.size_bytes, step, epoch, new_tags.get(name, tags), metric, record.created, record.order, run_id)
+        kept = [dataclasses.replace(e, tags=new_tags.get(e.name, e.tags)) for e in state.entries if e.name not in doomed]
         try:
-            self._write([*state.entries, entry], state.pending, state, record.order + 1)
+            self._write([*kept, entry], [*state.pending, *doomed], state, record.order + 1, durable=False)
         except CheckpointError:
             # Not indexed, so it is ours alone to take back.
             self._unlink_regular(name, quiet=True)
             raise
+        try:
+            fsync_directory(self.path)  # both renames (file, index) durable; only now may old files go
+        except OSError as exc:
+            raise CheckpointWriteError(
+                fix_message(
+                    f"{name!r} was written and indexed but fsync of {self.path!r} failed: {exc!r}; it may not survive a power loss. "
+                    "No older checkpoint was deleted.",
+                    "check the filesystem for I/O errors, then save again.",
+                )
+            ) from exc
+        for doomed_name in doomed:
+            self._unlink_regular(doomed_name)  # a lost unlink is finished at the next open (pending in the index)
         return entry
+
+    def _checked_tags(self, tags: Mapping[str, Iterable[str]], allowed: set[str]) -> dict[str, tuple[str, ...]]:
+        """``tags`` as name -> tuple, every name in ``allowed`` and every tag a str."""
+        new_tags = {name: tuple(values) for name, values in tags.items()}
+        unknown = sorted(set(new_tags) - allowed)
+        if unknown:
+            raise ValueError(fix_message(f"{unknown} are not registered checkpoints in {self.path!r}.", "pass names from entries()."))
+        if not all(isinstance(tag, str) for values in new_tags.values() for tag in values):
+            raise TypeError(fix_message(f"tags={new_tags!r} must all be str.", "pass e.g. {'step-1.ekpt': ('best',)}."))
+        return new_tags
+
+    def _checked_names(self, names: Iterable[str], state: IndexState) -> list[str]:
+        """``names`` as a list, each one indexed (a single str is one name)."""
+        wanted = [names] if isinstance(names, str) else list(names)
+        indexed = {entry.name for entry in state.entries}
+        for name in wanted:
+            validate_name(name)
+            if name not in indexed:
+                raise ValueError(fix_message(f"{name!r} is not a registered checkpoint in {self.path!r}.", "pass names from entries()."))
+        return wanted
 
     def remove(self, names: Iterable[str]) -> list[str]:
         """Unindex ``names``, then delete their files (rotation's only way to delete).
@@ -282,11 +337,7 @@ class CheckpointDirectory(IndexedReader):
         if not wanted:
             return []
         state = self._index()
-        indexed = {entry.name for entry in state.entries}
-        for name in wanted:
-            validate_name(name)
-            if name not in indexed:
-                raise ValueError(fix_message(f"{name!r} is not a registered checkpoint in {self.path!r}.", "pass names from entries()."))
+        self._checked_names(wanted, state)
         # Unindex first and note the names as pending, so a kill before the
         # unlinks leaves files that the next open deletes, never a dangling entry.
         keep = [entry for entry in state.entries if entry.name not in set(wanted)]
@@ -363,13 +414,7 @@ class CheckpointDirectory(IndexedReader):
         """
         self._require_writable("retag checkpoints")
         state = self._index()
-        indexed = {entry.name for entry in state.entries}
-        new_tags = {name: tuple(values) for name, values in tags.items()}
-        unknown = sorted(set(new_tags) - indexed)
-        if unknown:
-            raise ValueError(fix_message(f"{unknown} are not registered checkpoints in {self.path!r}.", "pass names from entries()."))
-        if not all(isinstance(tag, str) for values in new_tags.values() for tag in values):
-            raise TypeError(fix_message(f"tags={new_tags!r} must all be str.", "pass e.g. {'step-1.ekpt': ('best',)}."))
+        new_tags = self._checked_tags(tags, {entry.name for entry in state.entries})
         updated = [dataclasses.replace(entry, tags=new_tags.get(entry.name, entry.tags)) for entry in state.entries]
         if updated != state.entries:
             self._write(updated, state.pending, state)

@@ -47,6 +47,7 @@ import torch
 
 from engine_kit.checkpoint.archive import check_archive
 from engine_kit.checkpoint.atomic import atomic_write
+from engine_kit.checkpoint.payload_types import check_payload_types
 from engine_kit.checkpoint.record import CheckpointRecord
 from engine_kit.checkpoint.regular import open_regular
 from engine_kit.checkpoint.safety import weights_only_env_conflict
@@ -94,13 +95,20 @@ class CheckpointFileInfo:
 
 
 def save_checkpoint_file(
-    path: str | os.PathLike[str], payload: dict[str, Any], *, record: CheckpointRecord | None = None, replace: bool = True
+    path: str | os.PathLike[str],
+    payload: dict[str, Any],
+    *,
+    record: CheckpointRecord | None = None,
+    replace: bool = True,
+    sync_directory: bool = True,
 ) -> CheckpointFileInfo:
     """Serialize ``payload``, seal it with ``record`` and write it atomically.
 
-    The pickle is checked against the load-time allow-list *before* anything
-    touches the disk, so a payload that could never be loaded safely (a
-    numpy array, a custom class) fails now, not at resume time.
+    The payload's types are checked against the load-time allow-list
+    (:func:`~engine_kit.checkpoint.payload_types.check_payload_types`)
+    before anything is serialized, so a payload that could never be loaded
+    safely (a numpy array, a custom class) fails now, naming the key, not at
+    resume time. The written pickle is scanned when it is loaded.
 
     Args:
         path: the final file name (its directory must exist).
@@ -108,6 +116,9 @@ def save_checkpoint_file(
         record: the file's self-description; default: its name, step 0.
         replace: False refuses (``CheckpointExistsError``) when something
             already sits at ``path``, even if it appears during the write.
+        sync_directory: fsync the directory after the rename. A caller that
+            renames more into the same directory (the index) passes False
+            and fsyncs the directory once for both.
 
     Returns:
         The written file's info (``sha256`` is what an index records).
@@ -121,10 +132,14 @@ def save_checkpoint_file(
     if not isinstance(payload, dict):
         raise TypeError(fix_message(f"payload must be a dict, got {type(payload).__name__}.", "wrap it: {'state': obj}."))
     record = record if record is not None else CheckpointRecord(os.path.basename(path), step=0, epoch=0, order=0)
+    try:
+        check_payload_types(payload)  # the load-side allow-list, checked on the objects: no pickle scan here
+    except TypeError as exc:
+        what, _, how = str(exc).partition(" To fix: ")
+        raise CheckpointWriteError(fix_message(f"Cannot save the checkpoint {path!r}: {what} Nothing was written.", how)) from exc
     buffer = io.BytesIO()
     try:
         torch.save(payload, buffer)
-        _scan_archive(buffer, buffer.getbuffer().nbytes)
         zip_bytes = buffer.getbuffer()  # a view: no copy of a multi-GB checkpoint
     except Exception as exc:
         raise CheckpointWriteError(
@@ -147,7 +162,7 @@ def save_checkpoint_file(
         fileobj.write(record_bytes)
         fileobj.write(trailer)
 
-    atomic_write(path, write, replace=replace)
+    atomic_write(path, write, replace=replace, sync_directory=sync_directory)
     meta = payload.get("meta")
     size = len(zip_bytes) + len(record_bytes) + len(trailer)
     return CheckpointFileInfo(path, size, whole.hexdigest(), meta if isinstance(meta, dict) else None, record)

@@ -210,6 +210,10 @@ def load_index(
             invalid.append(problem)
     listed = {entry.name for entry in kept}
     pending = [name for name in contents.pending if name in on_disk and name not in listed]
+    if missing:
+        # The index got ahead of the files (a power loss before the directory fsync can keep the
+        # index's rename and lose the new file's): what it meant to delete is judged like any unlisted file.
+        pending = []
     set_aside: dict[str, dict[str, Any]] = {}
     remembered = {**(known_aside or {}), **contents.set_aside}
     adopted: list[str] = []

@@ -20,7 +20,7 @@ from typing import Any
 from engine_kit.checkpoint.fileformat import load_verified, verify_checkpoint_file
 from engine_kit.checkpoint.index import IndexState, load_index
 from engine_kit.checkpoint.record import CheckpointRecord
-from engine_kit.checkpoint.registry import RegistryEntry, resolve_inside, validate_name, write_registry
+from engine_kit.checkpoint.registry import REGISTRY_NAME, RegistryEntry, resolve_inside, sort_key, validate_name, write_registry
 from engine_kit.errors import CheckpointCorruptError, CheckpointWriteError, fix_message
 
 
@@ -43,6 +43,8 @@ class IndexedReader:
         self._aside: dict[str, dict[str, Any]] = {}
         self._adopted: dict[str, tuple[int, int, RegistryEntry]] = {}
         self._warned: set[str] = set()
+        # The last reconciled index and the stat fingerprint it was valid for (see _fingerprint).
+        self._cached: tuple[tuple[Any, ...], IndexState] | None = None
 
     # -- the index -------------------------------------------------------
     def _index(self, *, full: bool = False, stacklevel: int = 3, strict: bool = False) -> IndexState:
@@ -55,13 +57,16 @@ class IndexedReader:
                 ``repair``); otherwise a listing still answers from memory and
                 the warning says the index could not be saved.
         """
+        if not full and self._cached is not None and self._fingerprint(self._cached[1].entries) == self._cached[0]:
+            return self._cached[1]
         state = load_index(self.path, run_id=self.run_id, full=full, known_aside=self._aside, known_adopted=self._adopted)
         if not state.changed:
+            self._remember(state)
             return state
         where = "in memory (read-only)"
         if not self.read_only:
             try:
-                self._write(state.entries, state.pending, state)
+                self._write(state.entries, state.pending, state)  # caches the repaired index
                 where = "and saved"
             except CheckpointWriteError as exc:
                 if strict:
@@ -80,6 +85,34 @@ class IndexedReader:
             )
         return state
 
+    def _fingerprint(self, entries: list[RegistryEntry]) -> tuple[Any, ...] | None:
+        """What must not change for a cached index to stay valid (None: cannot tell).
+
+        The registry's inode, size and mtime (every write replaces it), the
+        directory's mtime (a file added, removed or renamed in it) and each
+        listed file's inode, size and mtime (one replaced or truncated in
+        place). A few ``lstat`` calls instead of reading the registry and
+        every file's record.
+        """
+        try:
+            listing = os.stat(self.path)
+            stamps: list[Any] = [(listing.st_ino, listing.st_mtime_ns)]
+            for name in (REGISTRY_NAME, *(entry.name for entry in entries)):
+                try:
+                    info = os.lstat(os.path.join(self.path, name))
+                except FileNotFoundError:
+                    stamps.append(None)
+                    continue
+                stamps.append((info.st_ino, info.st_size, info.st_mtime_ns, info.st_mode))
+        except OSError:
+            return None
+        return tuple(stamps)
+
+    def _remember(self, state: IndexState) -> None:
+        """Cache ``state`` (as it is now on disk) for listings until a fingerprint changes."""
+        fingerprint = self._fingerprint(state.entries)
+        self._cached = None if fingerprint is None else (fingerprint, state)
+
     def _stat_adopted(self, state: IndexState) -> dict[str, tuple[int, int, RegistryEntry]]:
         adopted = {}
         for entry in state.entries:
@@ -91,8 +124,18 @@ class IndexedReader:
                 adopted[entry.name] = (info.st_size, info.st_mtime_ns, entry)
         return adopted
 
-    def _write(self, entries: list[RegistryEntry], pending: list[str], state: IndexState, next_order: int | None = None) -> None:
-        write_registry(self.path, entries, pending, set_aside=state.set_aside, next_order=next_order or state.next_order)
+    def _write(
+        self, entries: list[RegistryEntry], pending: list[str], state: IndexState, next_order: int | None = None, *, durable: bool = True
+    ) -> None:
+        """Replace the registry with this index, and cache it (the write is this instance's own)."""
+        self._cached = None
+        order = max([next_order or state.next_order, state.next_order, *(entry.order + 1 for entry in entries)])
+        write_registry(self.path, entries, pending, set_aside=state.set_aside, next_order=order, durable=durable)
+        listed = {entry.name for entry in entries}
+        written = IndexState(
+            sorted(entries, key=sort_key), sorted(set(pending) - listed), state.set_aside, order, None, [], [], [], {}
+        )
+        self._remember(written)
 
     def excluded_files(self) -> dict[str, str]:
         """Checkpoint-named files kept in the directory but not indexed (set aside), with the reason for each."""

@@ -314,6 +314,7 @@ def write_registry(
     *,
     set_aside: dict[str, dict[str, Any]] | None = None,
     next_order: int | None = None,
+    durable: bool = True,
 ) -> None:
     """Atomically replace ``registry.json`` with ``entries`` (sorted by step), sealed by its digest.
 
@@ -325,12 +326,18 @@ def write_registry(
             ``None`` keeps the current list (minus files already gone).
         set_aside: files the index excludes (``None`` keeps the current map).
         next_order: the next creation order to hand out; never lowered below
-            the current value or any entry's order + 1.
+            the current value or any entry's order + 1 (when given, with
+            ``pending`` and ``set_aside``, the current registry is not read).
+        durable: fsync the file and the directory. False: the rename is
+            still atomic, and the caller fsyncs the directory; a power loss
+            may then leave an old or empty registry, which the directory
+            detects and rebuilds from the files.
 
     Raises:
         CheckpointWriteError: the write failed; the old registry is intact.
     """
-    current = _current(directory)
+    given = pending is not None and set_aside is not None and next_order is not None
+    current = RegistryContents([], [], [], {}, 1, False) if given else _current(directory)
     if pending is None:
         pending = [name for name in current.pending if os.path.lexists(os.path.join(os.fspath(directory), name))]
     if set_aside is None:
@@ -347,4 +354,9 @@ def write_registry(
     document["digest"] = _content_digest(document)
     # allow_nan=False: a bare NaN would make the file unreadable to strict JSON parsers.
     data = json.dumps(document, indent=1, allow_nan=False).encode("utf-8")
-    atomic_write(os.path.join(os.fspath(directory), REGISTRY_NAME), lambda fileobj: fileobj.write(data))
+    atomic_write(
+        os.path.join(os.fspath(directory), REGISTRY_NAME),
+        lambda fileobj: fileobj.write(data),
+        sync_file=durable,
+        sync_directory=durable,
+    )
