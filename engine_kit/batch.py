@@ -14,7 +14,9 @@ BatchSizeFn = Callable[[Any, Any], "int | torch.Tensor"]
 
 def _to_device(value: Any, device: torch.device, non_blocking: bool) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=non_blocking)
+        # Already there (CPU training, batches staged on the GPU): ``.to`` would return the
+        # tensor itself after a dispatcher round trip, so the comparison is all it takes.
+        return value if value.device == device else value.to(device, non_blocking=non_blocking)
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device, non_blocking) for v in value)
     if isinstance(value, dict):

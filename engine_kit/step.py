@@ -20,29 +20,37 @@ from engine_kit.precision import Precision
 from engine_kit.state import StepOutput
 
 
-def _check_loss(loss: Any) -> None:
+def _loss_problem(loss: Any) -> Exception | None:
+    """What is wrong with ``loss`` as a training loss (not a tensor, not a scalar, no autograd), or None."""
     if not isinstance(loss, torch.Tensor):
-        raise TypeError(
+        return TypeError(
             fix_message(
                 f"loss_fn returned a {type(loss).__name__}, not a tensor.",
                 "return a scalar tensor from loss_fn, e.g. torch.nn.functional.cross_entropy(y_pred, y).",
             )
         )
     if loss.dim() != 0:
-        raise ValueError(
+        return ValueError(
             fix_message(
                 f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar.",
                 "reduce it to the mean over the batch (reduction='mean' or .mean()).",
             )
         )
     if not loss.requires_grad:
-        raise ValueError(
+        return ValueError(
             fix_message(
                 "the loss does not require grad: it was computed without autograd "
                 "(under torch.no_grad(), or from detached tensors or frozen parameters).",
                 "compute the loss from the model's output inside loss_fn, with gradients enabled.",
             )
         )
+    return None
+
+
+def _check_loss(loss: Any) -> None:
+    problem = _loss_problem(loss)
+    if problem is not None:
+        raise problem
 
 
 def _check_prepared(prepared: Any) -> None:
@@ -78,11 +86,11 @@ def _check_samples(num_samples: Any) -> None:
         )
 
 
-def _gradient_sync_control(model: torch.nn.Module) -> Callable[[bool], ContextManager]:
+def _gradient_sync_control(model: torch.nn.Module) -> Callable[[bool], ContextManager] | None:
     """``control(sync)``: a context in which backward reduces gradients across ranks only if ``sync``.
 
     DDP has ``no_sync()``; FSDP2 (``fully_shard``) modules have
-    ``set_requires_gradient_sync``; anything else always syncs (a no-op context).
+    ``set_requires_gradient_sync``; anything else has nothing to control: ``None``.
     """
     if isinstance(model, DistributedDataParallel):
         return lambda sync: contextlib.nullcontext() if sync else model.no_sync()
@@ -94,7 +102,7 @@ def _gradient_sync_control(model: torch.nn.Module) -> Callable[[bool], ContextMa
             yield
 
         return fsdp_sync
-    return lambda sync: contextlib.nullcontext()
+    return None
 
 
 class TrainStep:
@@ -144,6 +152,12 @@ class TrainStep:
         # so every rank must weight in the same unit: sample counts are all-reduced.
         self._sync_counts = idist.get_world_size() > 1
         self._gradient_sync = _gradient_sync_control(model)
+        # The step runs once per micro-batch: contexts that do nothing (fp32's autocast, a
+        # module without gradient reduction) are not entered at all.
+        self._autocast = precision.autocast if precision.dtype is not None else None
+        # The loss is checked on the first micro-batch of each run (and after a state load);
+        # later micro-batches are checked only when backward fails, to explain the failure.
+        self._loss_checked = False
         self._window_length = 0
         self._window_total = 0.0
         self._window_samples: int | torch.Tensor = 0
@@ -160,24 +174,46 @@ class TrainStep:
         if state.window_position == 0:
             self._open_window(engine, num_samples)
         closes_window = state.window_position + 1 >= self._window_length
-        # Data-parallel wrappers reduce gradients on every backward unless told not
-        # to: only the last micro-batch of a window needs synchronized gradients.
-        with self._gradient_sync(closes_window):
-            with self.precision.autocast():
+        if self._gradient_sync is None:
+            loss = self._forward_backward(x, y, num_samples)
+        else:
+            # Data-parallel wrappers reduce gradients on every backward unless told not
+            # to: only the last micro-batch of a window needs synchronized gradients.
+            with self._gradient_sync(closes_window):
+                loss = self._forward_backward(x, y, num_samples)
+        state.window_position += 1
+        self._window_samples = self._window_samples + num_samples
+        fire_if_handled(engine, StepEvents.BACKWARD_COMPLETED)
+        if closes_window:
+            return self._close_window(engine, loss.detach(), num_samples)
+        return StepOutput(loss.detach(), None, False, num_samples)
+
+    def _forward_backward(self, x: Any, y: Any, num_samples: int | torch.Tensor) -> torch.Tensor:
+        """Forward, loss and the weighted backward of one micro-batch; returns the (unweighted) loss."""
+        if self._autocast is None:
+            loss = self.loss_fn(self.model(x), y)
+        else:
+            with self._autocast():
                 loss = self.loss_fn(self.model(x), y)
+        if not self._loss_checked:
             _check_loss(loss)
-            weight = num_samples / self._window_total
+            self._loss_checked = True
+        weight = num_samples / self._window_total
+        try:
             # Exactly 1.0 for equal batches without accumulation: skip the extra graph node.
             # (A tensor weight, from token counts, is never compared: that would sync.)
             weighted = loss if isinstance(weight, float) and weight == 1.0 else loss * weight
             self.scaler.scale(weighted).backward()
-        state.window_position += 1
-        self._window_samples = self._window_samples + num_samples
-        fire_if_handled(engine, StepEvents.BACKWARD_COMPLETED)
-        output = StepOutput(loss.detach(), None, False, num_samples)
-        if closes_window:
-            output = self.close_window(engine, output)
-        return output
+        except Exception:
+            problem = _loss_problem(loss)
+            if problem is None:
+                raise
+            raise problem from None  # a loss that changed kind mid-run: say so, as on the first micro-batch
+        return loss
+
+    def recheck_loss(self) -> None:
+        """Check the next micro-batch's loss in full again (a new run, or a state load, may change it)."""
+        self._loss_checked = False
 
     def _open_window(self, engine: Engine, num_samples: int | torch.Tensor) -> None:
         state = engine.state
@@ -241,7 +277,14 @@ class TrainStep:
         self._window_samples = 0
 
     def close_window(self, engine: Engine, output: StepOutput) -> StepOutput:
-        """Unscale, reweight, clip, step and reset the gradients of the open window."""
+        """Unscale, reweight, clip, step and reset the gradients of the open window.
+
+        ``output`` is the last micro-batch's; the returned one adds the window's
+        norm and whether the optimizer stepped.
+        """
+        return self._close_window(engine, output.loss, output.num_samples)
+
+    def _close_window(self, engine: Engine, loss: torch.Tensor, num_samples: int | torch.Tensor) -> StepOutput:
         state = engine.state
         state.windows += 1
         self.scaler.unscale_(self.optimizer)
@@ -266,7 +309,7 @@ class TrainStep:
         state.window_position = 0
         self._window_samples = 0
         norm = None if grad_norm is None else grad_norm.detach()
-        output = StepOutput(output.loss, norm, stepped, output.num_samples)
+        output = StepOutput(loss, norm, stepped, num_samples)
         state.output = output  # step-event handlers read the output of this very iteration
         if stepped:
             state.optimizer_steps += 1

@@ -113,6 +113,7 @@ def _start_clean(engine: Engine, step: TrainStep) -> None:
     # into its first window.
     if engine.state.window_position > 0 or step.has_gradients():
         step.discard_window(engine)
+    step.recheck_loss()
 
 
 def create_trainer(

@@ -141,3 +141,6 @@ class TrainerEngine(GuardedEngine):
         completed.setdefault("window_position", 0)
         completed.setdefault("steps_started", completed.get("optimizer_steps", 0))
         super().load_state_dict(completed)
+        recheck_loss = getattr(self.step, "recheck_loss", None)
+        if recheck_loss is not None:
+            recheck_loss()  # the loss is checked in full on the first micro-batch after a load
