@@ -7,6 +7,7 @@ import time
 import uuid
 import warnings
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import ignite.distributed as idist
@@ -15,10 +16,13 @@ from ignite.engine import Engine, Events
 from engine_kit.checkpoint import CheckpointDirectory, load_checkpoint_file
 from engine_kit.distributed import add_rank_states, agree, decide, gather_rank_states, is_multiprocess
 from engine_kit.distributed.resume import check_run_start, resume_every_rank
+from engine_kit.checks import check_bool, check_path
 from engine_kit.errors import CheckpointDirectoryNotEmptyError, fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful, save_refusal
+from engine_kit.engine import cleanup_handler
 from engine_kit.training_state import capture_training_state, restore_training_state
+from handlers.background_save import BackgroundSaves, cpu_copy
 from handlers.base import Handler
 from handlers.events import register_validation_events
 from handlers.rotation_policy import Kept, RotationPolicy
@@ -81,6 +85,13 @@ class CheckpointRotation(Handler):
             (precision, accumulation, data order, schedulers ...: see
             ``engine_kit.resume_checks``); ``False`` accepts it and warns
             listing every difference.
+        async_save: write on a background thread: the training thread only
+            copies the state to the CPU; serializing, fsyncing, indexing and
+            rotating overlap training. One save in flight at a time (the next
+            waits), ``CHECKPOINT_SAVED`` fires once the file is durable, a
+            failed write raises ``CheckpointWriteError`` at the next iteration,
+            and the run waits for the pending save at its end, on an error and
+            before a preemption's last save. Multi-process runs save synchronously.
 
     Every run has a ``run_id`` (kept in its checkpoints, so a resumed run keeps
     it) and names its files with ``CheckpointDirectory.next_name``: names are
@@ -106,10 +117,15 @@ class CheckpointRotation(Handler):
         mode: str = "max",
         resume: str | os.PathLike[str] | None = None,
         strict: bool = True,
+        async_save: bool = False,
     ) -> None:
         super().__init__()
+        check_path("dirname", dirname, "runs/exp1/checkpoints")
         self.every_steps = _check_every(every_steps)
-        self.at_epoch_end = bool(at_epoch_end)
+        self.at_epoch_end = check_bool("at_epoch_end", at_epoch_end)
+        check_bool("strict", strict)
+        if resume is not None and resume != "auto":
+            check_path("resume", resume, "runs/exp1/checkpoints/step00000100-00002.ekpt")
         self.policy = RotationPolicy(keep_last=keep_last, keep_best=keep_best, mode=mode)
         if keep_best and not metric:
             raise ValueError(fix_message(f"keep_best={keep_best} needs a metric to rank by.", "pass metric='accuracy' (a key of the validation metrics)."))
@@ -129,6 +145,7 @@ class CheckpointRotation(Handler):
         self.last_saved_step = -1
         self._due = False
         self.resumed_from: str | None = None
+        self._background = BackgroundSaves() if check_bool("async_save", async_save) else None
 
     def attach(self, trainer: Engine) -> None:
         """Register on ``trainer`` (a ``create_trainer`` engine)."""
@@ -142,11 +159,15 @@ class CheckpointRotation(Handler):
             trainer.add_event_handler(Events.STARTED, self._resume)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
+        # A failed run still waits for the save in flight; its failure becomes a note on the run's error.
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, cleanup_handler(lambda engine, error: self._settle()))
         # Every rank waits here, so none exits while rank 0 still writes (and a failure reaches all).
         trainer.add_event_handler(Events.COMPLETED, lambda: agree("finish the run", self.close))
 
     def close(self) -> None:
-        """Release the directory lock (a later save reopens it)."""
+        """Wait for a background save in flight, then release the directory lock (a later save reopens it)."""
+        if self._background is not None:
+            self._background.close()  # settles it, then stops the writer thread (a later save starts one)
         if self.directory is not None:
             self.directory.close()
             self.directory = None
@@ -158,6 +179,8 @@ class CheckpointRotation(Handler):
 
     # -- when to save ------------------------------------------------------
     def __call__(self, engine: Engine) -> None:
+        if self._background is not None:
+            self._background.poll()  # a finished background save: CHECKPOINT_SAVED, or its error, now
         state = engine.state
         if state.window_position != 0 or state.optimizer_steps == self.last_saved_step:
             return  # inside a window, or nothing new since the last save
@@ -186,6 +209,7 @@ class CheckpointRotation(Handler):
         metric = self._new_metric(engine)
         if metric is None:
             return False
+        self._settle()
         # Only rank 0 reads the directory, and every rank must take the same save decision.
         return decide("rank the new metric", lambda: self.policy.would_keep([Kept(e.name, e.step, e.metric) for e in self._open().entries()], metric))
 
@@ -221,6 +245,7 @@ class CheckpointRotation(Handler):
         if refusal:
             warnings.warn(f"CheckpointRotation: not saving at step {state.optimizer_steps}: {refusal}", stacklevel=2)
             return False
+        self._settle()  # the directory is the writer thread's until the save in flight is done
         directory = self._open()
         kept = [Kept(e.name, e.step, e.metric) for e in directory.entries()]
         name = directory.next_name(state.optimizer_steps)  # never an existing or former name
@@ -233,20 +258,35 @@ class CheckpointRotation(Handler):
         try:
             payload = add_rank_states(capture_training_state(engine, metric=metric), rank_states)
             tags = next(k.tags for k in kept_after if k.name == name)
-            directory.commit(name, payload, step=state.optimizer_steps, epoch=state.epoch, tags=sorted(tags),
-                             metric=metric, run_id=self.run_id)
+            # One index write and two fsyncs; the ranked-out files go only once the new one is durable.
+            commit = partial(directory.commit, name, step=state.optimizer_steps, epoch=state.epoch, tags=sorted(tags), metric=metric,
+                             run_id=self.run_id, retag={k.name: sorted(k.tags) for k in kept_after}, rotate_out=dropped)
+            saved = partial(self._saved, engine, name)
+            if self._background is None or keep_at_least_one or rank_states is not None:
+                commit(payload)  # synchronous: asked for, a preemption's last save, or every rank must learn the outcome
+            else:
+                snapshot = cpu_copy(payload)
+                self._background.submit(lambda: commit(snapshot), saved)
+                return True
         except BaseException:
             state.checkpoints_saved -= 1
             raise
-        directory.retag({k.name: sorted(k.tags) for k in kept_after})
-        if dropped:
-            directory.remove(dropped)
+        saved()
+        return True
+
+    def _saved(self, engine: Engine, name: str) -> None:
+        """A checkpoint is durable: say so (on the training thread)."""
         engine.state.last_checkpoint = os.path.join(self.dirname, name)
         engine.fire_event(StepEvents.CHECKPOINT_SAVED)
-        return True
+
+    def _settle(self) -> None:
+        """Wait for a background save in flight (CheckpointWriteError if it failed)."""
+        if self._background is not None:
+            self._background.settle()
 
     def best(self) -> dict[str, Any] | None:
         """The best kept checkpoint: {name, path, step, metric}, or None."""
+        self._settle()
         directory = self.directory or CheckpointDirectory(self.dirname, read_only=True)
         ranked = self.policy.ranked([Kept(e.name, e.step, e.metric) for e in directory.entries()])
         if not ranked:
