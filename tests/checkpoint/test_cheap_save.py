@@ -233,3 +233,28 @@ def test_a_self_referencing_payload_is_checked_without_recursion(tmp_path: Path)
         node.append([])
         node = node[0]
     check_payload_types({"loop": loop, "deep": deep})
+
+
+def test_a_rotation_save_costs_two_fsyncs_and_one_index_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole CheckpointRotation save, with a rotated-out file: file fsync, directory fsync, one registry rename."""
+    import torch.nn.functional as F
+    from ignite.engine import Events
+
+    from engine_kit import create_trainer
+    from handlers.checkpoint import CheckpointRotation
+    from tests.helpers import mlp, regression_batches
+
+    model = mlp(in_features=2, out=1)
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
+    rotation = CheckpointRotation(tmp_path, every_steps=None, at_epoch_end=True, keep_last=1)
+    rotation.attach(trainer)
+    trainer.run(regression_batches(4, 4), max_epochs=1)  # the first save; the run's end releases the lock
+    rotation._open()  # reopened outside the measured save (the lock and the start-up repair have their own fsyncs)
+    calls: list[str] = []
+    for name in ("fsync", "replace"):
+        monkeypatch.setattr(os, name, lambda *args, _real=getattr(os, name), _name=name: (calls.append(_name), _real(*args))[1])
+    trainer.fire_event(Events.EPOCH_COMPLETED)  # one more epoch-end save: writes, rotates the first out
+    monkeypatch.undo()
+    rotation.close()
+    assert calls == ["fsync", "replace", "fsync"]  # the new file's content; the index; the directory, once for both
+    assert len(CheckpointDirectory(tmp_path, read_only=True).entries()) == 1
