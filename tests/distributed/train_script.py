@@ -15,6 +15,7 @@ the final parameters, the step it resumed from).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -127,6 +128,10 @@ def training(local_rank: int, args: argparse.Namespace) -> None:
     }
     with open(args.out.format(rank=rank), "w") as f:
         json.dump(result, f)
+    # Free the DDP model (and the gloo work it holds) while the process group still exists: left to the
+    # interpreter's exit, after Parallel destroyed the group, gloo's threads sometimes abort the process.
+    del trainer, evaluator, model, optimizer
+    gc.collect()
 
 
 def main(argv: list[str] | None = None) -> None:
