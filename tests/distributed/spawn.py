@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_then_collect(local_rank: int, fn: Callable[..., None], *args: Any) -> None:
+    # Free what ``fn`` built (a DDP or FSDP model holds gloo work) while the process group still
+    # exists: left to the interpreter's exit, gloo's threads sometimes abort the process (SIGABRT).
+    try:
+        fn(local_rank, *args)
+    finally:
+        gc.collect()
+
+
 def spawn_two(fn: Callable[..., None], *args: Any) -> None:
     """Run ``fn(local_rank, *args)`` in 2 gloo processes; raises if one fails or dies."""
     with idist.Parallel(backend="gloo", nproc_per_node=2, master_addr="127.0.0.1", master_port=free_port()) as parallel:
-        parallel.run(fn, *args)
+        parallel.run(_run_then_collect, fn, *args)
