@@ -8,12 +8,14 @@ import uuid
 import warnings
 from dataclasses import replace
 from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from engine_kit.checkpoint import CheckpointDirectory, load_checkpoint_file
+from engine_kit.checkpoint.snapshot import SnapshotBuffers
 from engine_kit.distributed import add_rank_states, agree, decide, gather_rank_states, is_multiprocess
 from engine_kit.distributed.resume import check_run_start, resume_every_rank
 from engine_kit.checks import check_bool, check_path
@@ -21,11 +23,17 @@ from engine_kit.errors import CheckpointDirectoryNotEmptyError, fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful, save_refusal
 from engine_kit.engine import cleanup_handler
+from engine_kit.resume_checks import unwrap_model
 from engine_kit.training_state import capture_training_state, restore_training_state
-from handlers.background_save import BackgroundSaves, cpu_copy
+from handlers.background_save import BackgroundSaves
+from handlers.save_fence import StepFence, fenced_storages
 from handlers.base import Handler
 from handlers.events import register_validation_events
 from handlers.rotation_policy import Kept, RotationPolicy
+
+
+ERROR_WAIT_S = 300.0
+"""How long a failing run waits for the background write in flight before it lets the error go on."""
 
 
 def _refuse_foreign_checkpoints(directory: CheckpointDirectory) -> None:
@@ -85,13 +93,28 @@ class CheckpointRotation(Handler):
             (precision, accumulation, data order, schedulers ...: see
             ``engine_kit.resume_checks``); ``False`` accepts it and warns
             listing every difference.
-        async_save: write on a background thread: the training thread only
-            copies the state to the CPU; serializing, fsyncing, indexing and
-            rotating overlap training. One save in flight at a time (the next
-            waits), ``CHECKPOINT_SAVED`` fires once the file is durable, a
+        async_save: write on a background thread (the default): the training
+            thread only copies the state into host buffers kept from one save
+            to the next (on CUDA a non-blocking copy into pinned memory);
+            serializing, hashing, fsyncing, indexing and rotating overlap
+            training. The files are the same as synchronous ones. One save in
+            flight at a time: a save due while the previous one is still being
+            written waits for it (counted in :attr:`waits`, logged at the 1st,
+            10th, 100th... wait). ``CHECKPOINT_SAVED`` fires on the training thread once the
+            file is durable (``trainer.state.last_checkpoint`` names it); a
             failed write raises ``CheckpointWriteError`` at the next iteration,
-            and the run waits for the pending save at its end, on an error and
-            before a preemption's last save. Multi-process runs save synchronously.
+            naming the file and the cause. The run's end waits for the write in
+            flight: on completion, on an error (its failure then becomes a note
+            on the run's error), on ``engine.interrupt()`` and before a
+            preemption's last save (written synchronously). ``False``: every
+            save is written on the training thread.
+
+    Multi-process runs: rank 0 writes in the background and the other ranks
+    never wait for it mid-epoch. A failed background write is not raised at
+    an iteration (rank 0 alone would stop while the others wait in their
+    next collective): it surfaces at the next point every rank reaches
+    together — the next save's agreement or the run's end — as the same
+    ``RankAgreementError`` on every rank.
 
     Every run has a ``run_id`` (kept in its checkpoints, so a resumed run keeps
     it) and names its files with ``CheckpointDirectory.next_name``: names are
@@ -117,7 +140,7 @@ class CheckpointRotation(Handler):
         mode: str = "max",
         resume: str | os.PathLike[str] | None = None,
         strict: bool = True,
-        async_save: bool = False,
+        async_save: bool = True,
     ) -> None:
         super().__init__()
         check_path("dirname", dirname, "runs/exp1/checkpoints")
@@ -146,6 +169,9 @@ class CheckpointRotation(Handler):
         self._due = False
         self.resumed_from: str | None = None
         self._background = BackgroundSaves() if check_bool("async_save", async_save) else None
+        self._snapshots = SnapshotBuffers()  # host copies of the state, reused by every background save
+        self.snapshot_mode = "copy"  # or "fence": see handlers.save_fence
+        self._fence: StepFence | None = None
 
     def attach(self, trainer: Engine) -> None:
         """Register on ``trainer`` (a ``create_trainer`` engine)."""
@@ -155,22 +181,41 @@ class CheckpointRotation(Handler):
         trainer.state.resumed_from = None
         # Refuses a sharded (FSDP2) model; multi-process: syncs with rank 0 (which created the directory), refuses node-local ones.
         trainer.add_event_handler(Events.STARTED, lambda engine: check_run_start(engine, self.dirname))
+        trainer.add_event_handler(Events.STARTED, self._on_started)
         if self.resume is not None:
             trainer.add_event_handler(Events.STARTED, self._resume)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
         # A failed run still waits for the save in flight; its failure becomes a note on the run's error.
-        trainer.add_event_handler(Events.EXCEPTION_RAISED, cleanup_handler(lambda engine, error: self._settle()))
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, cleanup_handler(lambda engine, error: self._settle(timeout_s=ERROR_WAIT_S)))
+        # engine.interrupt(): run() returns until the next run() resumes; the save in flight is collected first.
+        trainer.add_event_handler(Events.INTERRUPT, lambda: self._settle())
         # Every rank waits here, so none exits while rank 0 still writes (and a failure reaches all).
         trainer.add_event_handler(Events.COMPLETED, lambda: agree("finish the run", self.close))
 
+    @property
+    def waits(self) -> int:
+        """How many saves had to wait for the previous background write (back-pressure)."""
+        return self._background.waits if self._background is not None else 0
+
     def close(self) -> None:
         """Wait for a background save in flight, then release the directory lock (a later save reopens it)."""
+        try:
+            self._settle()
+        finally:
+            if self._fence is not None:
+                self._fence.disarm()
+                self._fence = None
+            if self.directory is not None:
+                self.directory.close()
+                self.directory = None
+
+    def _on_started(self, engine: Engine) -> None:
+        engine.state.checkpoint_waits = self.waits
         if self._background is not None:
-            self._background.close()  # settles it, then stops the writer thread (a later save starts one)
-        if self.directory is not None:
-            self.directory.close()
-            self.directory = None
+            self._background.settle()  # an earlier run's save (after an interrupt): its outcome first
+            # Multi-process: a failure waits for a point every rank reaches (see the class docstring).
+            self._background.defer_failures = is_multiprocess()
 
     def _open(self) -> CheckpointDirectory:
         if self.directory is None:
@@ -181,6 +226,7 @@ class CheckpointRotation(Handler):
     def __call__(self, engine: Engine) -> None:
         if self._background is not None:
             self._background.poll()  # a finished background save: CHECKPOINT_SAVED, or its error, now
+            engine.state.checkpoint_waits = self._background.waits
         state = engine.state
         if state.window_position != 0 or state.optimizer_steps == self.last_saved_step:
             return  # inside a window, or nothing new since the last save
@@ -209,9 +255,12 @@ class CheckpointRotation(Handler):
         metric = self._new_metric(engine)
         if metric is None:
             return False
+        # Only rank 0 reads the directory (once its save in flight is done), and every rank must take the same decision.
+        return decide("rank the new metric", lambda: self._would_keep(metric))
+
+    def _would_keep(self, metric: float) -> bool:
         self._settle()
-        # Only rank 0 reads the directory, and every rank must take the same save decision.
-        return decide("rank the new metric", lambda: self.policy.would_keep([Kept(e.name, e.step, e.metric) for e in self._open().entries()], metric))
+        return self.policy.would_keep([Kept(e.name, e.step, e.metric) for e in self._open().entries()], metric)
 
     # -- saving ------------------------------------------------------------
     def save_now(self, engine: Engine, reason: str) -> bool:
@@ -245,7 +294,8 @@ class CheckpointRotation(Handler):
         if refusal:
             warnings.warn(f"CheckpointRotation: not saving at step {state.optimizer_steps}: {refusal}", stacklevel=2)
             return False
-        self._settle()  # the directory is the writer thread's until the save in flight is done
+        # The directory (and the snapshot buffers) are the writer's until the save in flight is done.
+        self._settle(back_pressure=not keep_at_least_one)
         directory = self._open()
         kept = [Kept(e.name, e.step, e.metric) for e in directory.entries()]
         name = directory.next_name(state.optimizer_steps)  # never an existing or former name
@@ -261,12 +311,11 @@ class CheckpointRotation(Handler):
             # One index write and two fsyncs; the ranked-out files go only once the new one is durable.
             commit = partial(directory.commit, name, step=state.optimizer_steps, epoch=state.epoch, tags=sorted(tags), metric=metric,
                              run_id=self.run_id, retag={k.name: sorted(k.tags) for k in kept_after}, rotate_out=dropped)
-            saved = partial(self._saved, engine, name)
-            if self._background is None or keep_at_least_one or rank_states is not None:
-                commit(payload)  # synchronous: asked for, a preemption's last save, or every rank must learn the outcome
+            saved = partial(self._saved, engine, name, state.optimizer_steps)
+            if self._background is None or keep_at_least_one:
+                commit(payload)  # synchronous: asked for, or a preemption's last save
             else:
-                snapshot = cpu_copy(payload)
-                self._background.submit(lambda: commit(snapshot), saved)
+                self._submit(engine, payload, commit, saved, os.path.join(self.dirname, name))
                 return True
         except BaseException:
             state.checkpoints_saved -= 1
@@ -274,15 +323,35 @@ class CheckpointRotation(Handler):
         saved()
         return True
 
-    def _saved(self, engine: Engine, name: str) -> None:
+    def _submit(self, engine: Engine, payload: dict[str, Any], commit: Callable[..., Any], saved: Callable[[], None], path: str) -> None:
+        """Snapshot ``payload`` on the training thread, then write it on the writer thread."""
+        shared: frozenset[int] = frozenset()
+        if self.snapshot_mode == "fence":
+            step = engine.step
+            shared = fenced_storages(unwrap_model(step.model), step.optimizer)
+            if self._fence is None:
+                self._fence = StepFence(self._background.wait_serialized)
+            self._fence.arm(step.optimizer)
+        elif self.snapshot_mode != "copy":
+            raise ValueError(fix_message(f"snapshot_mode={self.snapshot_mode!r} is not 'copy' or 'fence'.", "set 'copy' (the default) or 'fence'."))
+        snapshot = self._snapshots.capture(payload, shared=shared)
+
+        def write(serialized: Callable[[], None]) -> None:
+            snapshot.wait_ready()  # CUDA: the device-to-host copies have landed
+            commit(snapshot.payload, on_serialized=serialized)
+
+        self._background.submit(write, saved, path=path)
+
+    def _saved(self, engine: Engine, name: str, step: int) -> None:
         """A checkpoint is durable: say so (on the training thread)."""
         engine.state.last_checkpoint = os.path.join(self.dirname, name)
+        engine.state.last_checkpoint_step = step  # a background save is announced some iterations after its step
         engine.fire_event(StepEvents.CHECKPOINT_SAVED)
 
-    def _settle(self) -> None:
+    def _settle(self, *, back_pressure: bool = False, timeout_s: float | None = None) -> None:
         """Wait for a background save in flight (CheckpointWriteError if it failed)."""
         if self._background is not None:
-            self._background.settle()
+            self._background.settle(back_pressure=back_pressure, timeout_s=timeout_s)
 
     def best(self) -> dict[str, Any] | None:
         """The best kept checkpoint: {name, path, step, metric}, or None."""

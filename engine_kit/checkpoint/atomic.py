@@ -200,8 +200,8 @@ def atomic_write(
         _move_into_place(tmp, final, replace)
     except BaseException as exc:
         _remove_quietly(tmp)
-        if not isinstance(exc, Exception) or isinstance(exc, CheckpointExistsError):
-            raise  # KeyboardInterrupt / SystemExit keep their meaning; "exists" is not a disk problem.
+        if not isinstance(exc, Exception) or isinstance(exc, CheckpointWriteError):
+            raise  # KeyboardInterrupt / SystemExit keep their meaning; write_fn's own checkpoint error says it all.
         raise CheckpointWriteError(
             fix_message(
                 f"Writing {final!r} failed: {exc!r}. The previous content of that name is untouched.",

@@ -46,7 +46,7 @@ import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from engine_kit.checkpoint.atomic import fsync_directory, sweep_stale_temps, temp_prefix
@@ -214,6 +214,7 @@ class CheckpointDirectory(IndexedReader):
         run_id: str | None = None,
         retag: Mapping[str, Iterable[str]] | None = None,
         rotate_out: Iterable[str] = (),
+        on_serialized: Callable[[], None] | None = None,
     ) -> RegistryEntry:
         """Write ``payload`` and its record to the new file ``name`` atomically, then index it.
 
@@ -239,6 +240,8 @@ class CheckpointDirectory(IndexedReader):
                 in the same index update (see :meth:`retag`).
             rotate_out: indexed names to delete once the new file is durable
                 (rotation; see :meth:`remove`).
+            on_serialized: called once ``payload`` is serialized (its tensors
+                are not read after that; see ``save_checkpoint_file``).
 
         Returns:
             The index entry.
@@ -277,7 +280,8 @@ class CheckpointDirectory(IndexedReader):
         if name in doomed:
             raise ValueError(fix_message(f"rotate_out names the new checkpoint {name!r}.", "rotate out only older, indexed names."))
         record = CheckpointRecord(name, step, epoch, state.next_order, tags, metric, run_id, time.time())
-        info = save_checkpoint_file(os.path.join(self.path, name), payload, record=record, replace=False, sync_directory=False)
+        info = save_checkpoint_file(os.path.join(self.path, name), payload, record=record, replace=False, sync_directory=False,
+                                    on_serialized=on_serialized)
         entry = RegistryEntry(name, info.sha256, info.size_bytes, step, epoch, new_tags.get(name, tags), metric, record.created, record.order, run_id)
         kept = [dataclasses.replace(e, tags=new_tags.get(e.name, e.tags)) for e in state.entries if e.name not in doomed]
         try:

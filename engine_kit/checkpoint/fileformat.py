@@ -41,10 +41,12 @@ import hashlib
 import io
 import os
 import pickle
+from collections.abc import Callable
 from typing import IO, Any
 
 import torch
 
+from engine_kit.checkpoint import streaming
 from engine_kit.checkpoint.archive import check_archive
 from engine_kit.checkpoint.atomic import atomic_write
 from engine_kit.checkpoint.payload_types import check_payload_types
@@ -101,6 +103,7 @@ def save_checkpoint_file(
     record: CheckpointRecord | None = None,
     replace: bool = True,
     sync_directory: bool = True,
+    on_serialized: Callable[[], None] | None = None,
 ) -> CheckpointFileInfo:
     """Serialize ``payload``, seal it with ``record`` and write it atomically.
 
@@ -119,6 +122,9 @@ def save_checkpoint_file(
         sync_directory: fsync the directory after the rename. A caller that
             renames more into the same directory (the index) passes False
             and fsyncs the directory once for both.
+        on_serialized: called once the payload is serialized into the temp
+            file, before the fsync: from then on its tensors are not read
+            (a background save's fence lifts there).
 
     Returns:
         The written file's info (``sha256`` is what an index records).
@@ -137,35 +143,28 @@ def save_checkpoint_file(
     except TypeError as exc:
         what, _, how = str(exc).partition(" To fix: ")
         raise CheckpointWriteError(fix_message(f"Cannot save the checkpoint {path!r}: {what} Nothing was written.", how)) from exc
-    buffer = io.BytesIO()
-    try:
-        torch.save(payload, buffer)
-        zip_bytes = buffer.getbuffer()  # a view: no copy of a multi-GB checkpoint
-    except Exception as exc:
-        raise CheckpointWriteError(
-            fix_message(
-                f"Cannot serialize the checkpoint for {path!r}: {exc}. Nothing was written.",
-                "store only tensors, numbers, strings, None and dicts/lists/tuples of them "
-                "(convert numpy arrays with torch.from_numpy).",
-            )
-        ) from exc
-    record_bytes = record.to_bytes()
-    # One pass of SHA-256 over the data serves both the trailer and the whole-file digest.
-    digest = hashlib.sha256(zip_bytes)
-    digest.update(record_bytes)
-    trailer = trailer_v2(digest, len(zip_bytes), len(record_bytes))
-    whole = digest.copy()
-    whole.update(trailer)
+    sealed: list[streaming.SealedFile] = []
 
     def write(fileobj: IO[bytes]) -> None:
-        fileobj.write(zip_bytes)
-        fileobj.write(record_bytes)
-        fileobj.write(trailer)
+        # Serialized, hashed and written in one pass straight into the temp file (no archive in memory).
+        try:
+            sealed.append(streaming.write_sealed(fileobj, payload, record))
+        except OSError:
+            raise  # the disk's failure (ENOSPC, EIO...): atomic_write names it
+        except Exception as exc:
+            raise CheckpointWriteError(
+                fix_message(
+                    f"Cannot serialize the checkpoint for {path!r}: {exc}. Nothing was written.",
+                    "store only tensors, numbers, strings, None and dicts/lists/tuples of them "
+                    "(convert numpy arrays with torch.from_numpy).",
+                )
+            ) from exc
+        if on_serialized is not None:
+            on_serialized()
 
     atomic_write(path, write, replace=replace, sync_directory=sync_directory)
     meta = payload.get("meta")
-    size = len(zip_bytes) + len(record_bytes) + len(trailer)
-    return CheckpointFileInfo(path, size, whole.hexdigest(), meta if isinstance(meta, dict) else None, record)
+    return CheckpointFileInfo(path, sealed[0].size_bytes, sealed[0].sha256, meta if isinstance(meta, dict) else None, record)
 
 
 def seal_archive_file(path: str | os.PathLike[str], record: CheckpointRecord) -> CheckpointFileInfo:

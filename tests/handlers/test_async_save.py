@@ -90,7 +90,7 @@ def test_a_failed_background_save_is_raised_on_the_training_thread(tmp_path: Pat
     with pytest.raises(HandlerError) as caught:  # engine_kit names the handler; the typed error is the cause
         trainer.run(regression_batches(8, 4), max_epochs=2)
     error = caught.value.__cause__
-    assert isinstance(error, CheckpointWriteError) and "background checkpoint save failed" in str(error) and "No space left" in str(error)
+    assert isinstance(error, CheckpointWriteError) and "background write of the checkpoint" in str(error) and str(tmp_path) in str(error) and "No space left" in str(error)
     assert isinstance(error.__cause__, CheckpointWriteError)  # the writer thread's own error, with its OSError
     assert iterations[-1] <= 4  # raised at an iteration after the failed save (step 2), not at the run's end
 

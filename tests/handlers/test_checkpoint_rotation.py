@@ -82,16 +82,21 @@ def test_best_survives_last_k_rotation(tmp_path):
     assert (1, 9.0, ("best",)) in entries
 
 
-def test_checkpoint_saved_event_and_every_steps(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_checkpoint_saved_event_and_every_steps(tmp_path, async_save):
     model = mlp(in_features=2, out=1)
     trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss, accumulation_steps=2)
     saved = []
-    trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda e: saved.append((e.state.optimizer_steps, e.state.window_position)))
-    CheckpointRotation(tmp_path, every_steps=2, at_epoch_end=True, keep_last=10).attach(trainer)
+    # A background save is announced once durable, maybe a few iterations later: the step it captured is its own.
+    trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda e: saved.append((e.state.last_checkpoint_step, e.state.checkpoints_saved)))
+    CheckpointRotation(tmp_path, every_steps=2, at_epoch_end=True, keep_last=10, async_save=async_save).attach(trainer)
     trainer.run(regression_batches(40, 4), max_epochs=1)  # 10 batches -> 5 steps
-    # Steps 2 and 4 mid-epoch; step 5 at epoch end. Always at a window boundary.
-    assert saved == [(2, 0), (4, 0), (5, 0)]
+    # Steps 2 and 4 mid-epoch; step 5 at epoch end; the event's counter is the save's own number.
+    assert saved == [(2, 1), (4, 2), (5, 3)]
     assert trainer.state.checkpoints_saved == 3
+    # Always at a window boundary: what each file captured.
+    reader = CheckpointDirectory(tmp_path, read_only=True)
+    assert [reader.load(e)["trainer"]["window_position"] for e in reader.entries()] == [0, 0, 0]
 
 
 def test_save_on_the_last_iteration_waits_for_epoch_end(tmp_path):
@@ -271,7 +276,7 @@ def run_best_only(tmp_path, scores, keep_best, n_samples):
 
     CheckpointRotation(tmp_path, at_epoch_end=False, keep_last=0, keep_best=keep_best, metric="acc").attach(trainer)
     saved_at = []
-    trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda e: saved_at.append(e.state.optimizer_steps))
+    trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda e: saved_at.append(e.state.last_checkpoint_step))
     trainer.run(regression_batches(n_samples, 4), max_epochs=1)
     return saved_at, CheckpointDirectory(tmp_path, read_only=True).entries()
 

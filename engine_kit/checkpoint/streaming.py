@@ -1,0 +1,109 @@
+"""Write a sealed ``.ekpt`` file in one streaming pass: serialize, hash and write together.
+
+``torch.save`` writes its zip archive straight into the (temp) file through
+a :class:`HashingWriter`, which feeds every chunk to SHA-256 on its way to
+the file: no in-memory copy of the archive, no second pass over the bytes.
+The record and the trailer follow (layout in :mod:`engine_kit.checkpoint.seal`).
+Synchronous and background saves both write through :func:`write_sealed`,
+so the same state gives the same bytes either way.
+
+>>> import io, torch
+>>> from engine_kit.checkpoint.record import CheckpointRecord
+>>> out = io.BytesIO()
+>>> sealed = write_sealed(out, {"w": torch.ones(2)}, CheckpointRecord("a.ekpt", step=1, epoch=0, order=1))
+>>> sealed.size_bytes == len(out.getvalue())
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import IO, Any
+
+import torch
+
+from engine_kit.checkpoint.record import CheckpointRecord
+from engine_kit.checkpoint.seal import trailer_v2
+
+
+class HashingWriter:
+    """A write-only file object that hashes what passes through it and counts the bytes.
+
+    Args:
+        fileobj: where the bytes go (a binary file open for writing).
+        digest: the running hash (default: a new SHA-256).
+
+    >>> import io
+    >>> writer = HashingWriter(io.BytesIO())
+    >>> writer.write(b"abc"), writer.written, writer.digest.hexdigest()[:12]
+    (3, 3, 'ba7816bf8f01')
+    """
+
+    def __init__(self, fileobj: IO[bytes], digest: Any = None) -> None:
+        self.fileobj = fileobj
+        self.digest = digest if digest is not None else hashlib.sha256()
+        self.written = 0
+        self.failure: BaseException | None = None  # the file's own error (torch.save hides it behind its own)
+
+    def write(self, data: Any) -> int:
+        """Hash ``data`` and write it; returns its length in bytes."""
+        view = memoryview(data)  # torch hands storages over without copying them; keep it that way
+        self.digest.update(view)  # hashlib releases the GIL on large buffers: training runs on meanwhile
+        try:
+            self.fileobj.write(view)
+        except BaseException as exc:
+            self.failure = exc
+            raise
+        self.written += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        """Flush the underlying file (``torch.save`` calls it when its archive is complete)."""
+        self.fileobj.flush()
+
+
+@dataclasses.dataclass(frozen=True)
+class SealedFile:
+    """What :func:`write_sealed` wrote.
+
+    Attributes:
+        size_bytes: archive, record and trailer together.
+        sha256: hex SHA-256 of all of them (what an index records).
+        archive_length: bytes of the ``torch.save`` archive.
+    """
+
+    size_bytes: int
+    sha256: str
+    archive_length: int
+
+
+def write_sealed(fileobj: IO[bytes], payload: dict[str, Any], record: CheckpointRecord) -> SealedFile:
+    """Stream ``torch.save(payload)``, then ``record`` and the trailer, into ``fileobj``.
+
+    ``fileobj`` must start empty (the archive's offsets count from its start).
+    The payload's tensors are read while this runs: a caller serializing
+    live tensors must keep them unchanged until it returns.
+
+    Raises:
+        OSError: the file's own error (ENOSPC, EIO...), also when it happened
+            inside ``torch.save`` (which reports it as a RuntimeError of its own).
+        Exception: whatever else ``torch.save`` raises (an unserializable payload).
+        A caller such as :func:`~engine_kit.checkpoint.atomic.atomic_write`
+        removes the partial file.
+    """
+    writer = HashingWriter(fileobj)
+    try:
+        torch.save(payload, writer)
+    except Exception:
+        if writer.failure is not None:
+            raise writer.failure from None
+        raise
+    archive_length = writer.written
+    record_bytes = record.to_bytes()
+    writer.write(record_bytes)
+    trailer = trailer_v2(writer.digest, archive_length, len(record_bytes))
+    whole = writer.digest.copy()
+    whole.update(trailer)
+    fileobj.write(trailer)
+    return SealedFile(writer.written + len(trailer), whole.hexdigest(), archive_length)
