@@ -5,8 +5,10 @@ vary by ±10 % between repeats, more than the few percent the loop's own
 machinery costs. Instruction counts do not depend on load. This script runs
 one epoch of ``run.py``'s ``mlp`` case (Linear(32, 64)-ReLU-Linear(64, 10),
 batch 16, AdamW, accumulation 4, clipping at 1.0, fp32, 400 micro-batches)
-four ways, each after two warm-up epochs, every measured epoch inside one
-``operator.call``:
+four ways, each after two warm-up epochs, and one whole run (3 epochs, 1200
+micro-batches, 6 saves, 3 validations) of each ``_full`` runner, built by
+``runners/`` exactly as ``run.py`` builds it, after one warm-up run; every
+measured epoch or run inside one ``operator.call``:
 
 - ``raw``: the hand-written loop of ``runners/raw.py`` (``raw``).
 - ``ignite_bare``: ignite's ``Engine`` running the same hand-written step as
@@ -14,6 +16,13 @@ four ways, each after two warm-up epochs, every measured epoch inside one
 - ``engine_kit_step``: engine_kit's ``TrainStep`` called in a plain Python
   loop: the step's own cost, without any engine.
 - ``engine_kit``: ``create_trainer(...).run``, as the ``engine_kit`` runner.
+- ``raw_full`` / ``engine_kit_full``: ``run.py``'s runners of those names
+  (fresh model and work directory per run, as ``run.py`` does). Counted per
+  micro-batch over the whole run, so validation and saves are amortized as in
+  ``run.py``'s ratios. Only the training thread counts (callgrind's toggle is
+  per thread): work a runner hands to a background thread (TensorBoard's
+  writer, an asynchronous save) is not in its count, and waits (fsync) cost
+  no instructions.
 
 Under callgrind, collection is on only inside ``operator.call`` and a
 profile is dumped after each call, so each dump counts one variant's epoch:
@@ -24,7 +33,8 @@ profile is dumped after each call, so each dump counts one variant's epoch:
     .venv/bin/python benchmarks/loop_instructions.py --report /tmp/loop.<pid>.out
 
 (``_operator_call`` is CPython 3.11's C function behind ``operator.call``;
-importing torch under valgrind takes ~3 minutes, the four epochs ~2.) Run
+importing torch under valgrind takes ~3 minutes, the measured variants ~8.
+``--variants raw,engine_kit`` measures a subset; pass the same to ``--report``.) Run
 without valgrind it prints CPU µs per micro-batch instead (load-sensitive).
 """
 
@@ -33,7 +43,9 @@ from __future__ import annotations
 import argparse
 import operator
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,8 +55,10 @@ from ignite.engine import Engine
 
 from engine_kit import create_trainer
 from models import ACCUMULATION, MAX_GRAD_NORM, Case, build_case
+from runners import builder
 
-VARIANTS = ("raw", "ignite_bare", "engine_kit_step", "engine_kit")
+VARIANTS = ("raw", "ignite_bare", "engine_kit_step", "engine_kit", "raw_full", "engine_kit_full")
+FULL_VARIANTS = ("raw_full", "engine_kit_full")
 
 
 def _hand_written_step(case: Case) -> tuple[Callable[[int, torch.Tensor, torch.Tensor], None], torch.nn.Module]:
@@ -102,36 +116,76 @@ def build(variant: str, case: Case) -> Callable[[], None]:
     return step_epoch
 
 
-def report(dump: Path) -> None:
-    """Print instructions per micro-batch from the four dumps ``<dump>.1`` … ``<dump>.4``."""
-    iterations = len(build_case("mlp", torch.device("cpu"), "fp32", smoke=False).train)
+def build_full(variant: str, case: Case, root: Path) -> Callable[[bool], None]:
+    """``run_once(counted)``: build ``run.py``'s ``variant`` runner in a fresh directory and run it.
+
+    Only a ``counted`` run goes through ``operator.call`` (building never does).
+    """
+    build = builder(variant)
+
+    def run_once(counted: bool) -> None:
+        workdir = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=root))
+        try:
+            run = build(case, workdir)
+            operator.call(run) if counted else run()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    return run_once
+
+
+def micro_batches(variant: str, case: Case) -> int:
+    """Micro-batches one measured call of ``variant`` trains: an epoch, or a ``_full`` runner's whole run."""
+    return case.iterations if variant in FULL_VARIANTS else len(case.train)
+
+
+def report(dump: Path, variants: tuple[str, ...]) -> None:
+    """Print instructions per micro-batch from the dumps ``<dump>.1``, ``<dump>.2`` … (one per variant)."""
+    case = build_case("mlp", torch.device("cpu"), "fp32", smoke=False)
     counts = {}
-    for index, variant in enumerate(VARIANTS, start=1):
+    for index, variant in enumerate(variants, start=1):
         text = Path(f"{dump}.{index}").read_text()
-        counts[variant] = int(re.search(r"^summary: (\d+)", text, re.MULTILINE).group(1)) / iterations
-    print("| variant | instructions per micro-batch | × raw |\n|---|---|---|")
+        total = int(re.search(r"^summary: (\d+)", text, re.MULTILINE).group(1))
+        counts[variant] = total / micro_batches(variant, case)
+    print("| variant | instructions per micro-batch | × reference |\n|---|---|---|")
     for variant, count in counts.items():
-        print(f"| `{variant}` | {count / 1000:.1f} k | {count / counts['raw']:.3f} |")
+        ref = "raw_full" if variant.endswith("_full") else "raw"
+        ratio = f"{count / counts[ref]:.3f}" if ref in counts else "—"
+        print(f"| `{variant}` | {count / 1000:.1f} k | {ratio} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Measure (under callgrind: one dump per variant) or, with ``--report``, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--report", type=Path, default=None, help="callgrind output file (without .1 … .4)")
+    parser.add_argument("--report", type=Path, default=None, help="callgrind output file (without .1, .2 …)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.report is not None:
-        report(args.report)
+        report(args.report, variants)
         return 0
     torch.set_num_threads(1)
     case = build_case("mlp", torch.device("cpu"), "fp32", smoke=False)
-    epochs = {variant: build(variant, case) for variant in VARIANTS}
-    for epoch in epochs.values():  # warm-up: allocator, lazy imports, optimizer state
-        epoch()
-        epoch()
-    for variant, epoch in epochs.items():
-        start = time.process_time()
-        operator.call(epoch)  # callgrind counts inside this call only, then dumps
-        print(f"{variant}: {(time.process_time() - start) / len(case.train) * 1e6:.1f} CPU µs per micro-batch")
+    with tempfile.TemporaryDirectory(prefix="loop-instructions-") as tmp:
+        calls = {}
+        for variant in variants:
+            if variant in FULL_VARIANTS:
+                run_once = build_full(variant, case, Path(tmp))
+                run_once(False)  # warm-up: lazy imports, the writers' first files
+                calls[variant] = lambda run_once=run_once: run_once(True)
+            else:
+                epoch = build(variant, case)
+                epoch()  # warm-up: allocator, lazy imports, optimizer state
+                epoch()
+                calls[variant] = lambda epoch=epoch: operator.call(epoch)  # counted inside operator.call only
+        for variant, call in calls.items():
+            start = time.process_time()
+            call()
+            per_batch = (time.process_time() - start) / micro_batches(variant, case) * 1e6
+            print(f"{variant}: {per_batch:.1f} CPU µs per micro-batch")
     return 0
 
 

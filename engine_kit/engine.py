@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
-from ignite.engine import Engine, Events
+from ignite.engine import Engine, Events, State
 
 from engine_kit.errors import HandlerError
+from engine_kit.iteration_loop import run_epoch
 
 
 def describe_handler(handler: Callable) -> str:
@@ -79,6 +80,8 @@ class GuardedEngine(Engine):
       is not a failure: what it raises propagates, as in ignite.
     * After a run that raised, the next ``run()`` resumes from the failed
       iteration (ignite 0.5.5 would return ``None`` without running).
+    * Its epoch loop (``engine_kit.iteration_loop``) does what ignite's does,
+      event for event, but skips dispatching events that have no handler.
 
     >>> engine = GuardedEngine(lambda engine, batch: batch)
     >>> engine.run([1, 2], max_epochs=1).output
@@ -95,16 +98,30 @@ class GuardedEngine(Engine):
         # ignite's loop, with each call guarded; no per-call debug formatting.
         self.last_event_name = event_name
         for func, args, kwargs in self._event_handlers[event_name]:
-            kwargs.update(event_kwargs)
-            first, others = _split_engine(args)
+            if event_kwargs:
+                kwargs.update(event_kwargs)  # kept for later calls, as ignite does
+            # Most handlers take the engine alone: call them without building argument tuples.
+            engine_only = len(args) == 1 and not kwargs and not event_args and type(args[0]) is weakref.ref
+            if engine_only:
+                engine = args[0]()
+                if engine is None:
+                    raise RuntimeError("Engine reference not resolved. Cannot execute event handler.")
+            else:
+                first, others = _split_engine(args)
             try:
-                func(*first, *(event_args + others), **kwargs)
+                if engine_only:
+                    func(engine)
+                else:
+                    func(*first, *(event_args + others), **kwargs)
             except HandlerError:
                 raise
             except Exception as err:
                 if event_name == Events.EXCEPTION_RAISED:
                     raise
                 raise _handler_error(func, event_name, err) from err
+
+    def _run_once_on_dataset_as_gen(self) -> Generator[State, None, float]:
+        return run_epoch(self, GuardedEngine._fire_event)
 
     def _internal_run(self) -> Any:
         # ignite 0.5.5 keeps the generator an exception finished, so the next run()

@@ -18,6 +18,7 @@ class _StepOutputFields(NamedTuple):
 # Stands for "no norm" inside the tuple: ignite's utilities (apply_to_type, as in
 # TerminateOnNan) walk every field and cannot walk None; an empty tensor is finite.
 _NO_NORM = torch.empty(0)
+_tuple_new = tuple.__new__
 
 
 class StepOutput(_StepOutputFields):
@@ -44,7 +45,8 @@ class StepOutput(_StepOutputFields):
     def __new__(
         cls, loss: torch.Tensor, grad_norm: torch.Tensor | None, stepped: bool, num_samples: int | torch.Tensor
     ) -> "StepOutput":
-        return super().__new__(cls, loss, _NO_NORM if grad_norm is None else grad_norm, stepped, num_samples)
+        # tuple.__new__ directly: the NamedTuple's generated __new__ would add a Python call per micro-batch.
+        return _tuple_new(cls, (loss, _NO_NORM if grad_norm is None else grad_norm, stepped, num_samples))
 
     @property
     def grad_norm(self) -> torch.Tensor | None:  # type: ignore[override]
