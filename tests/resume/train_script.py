@@ -8,18 +8,23 @@ not a window's last); running again with ``--resume`` continues from the
 newest valid checkpoint. ``--preemption`` attaches ``Preemption``;
 ``--signal-at-iteration`` then sends the process a real SIGTERM after that
 iteration, and ``--signal-during-save`` sends it from inside the N-th checkpoint
-commit. A preempted run exits with ``PREEMPTED_EXIT_STATUS``. The result JSON holds the per-step losses and a hash
-of the final parameters and optimizer state.
+commit. ``--async-save`` writes the checkpoints on the background writer
+(``CheckpointRotation(async_save=True)``); without it they are written
+synchronously. A preempted run exits with ``PREEMPTED_EXIT_STATUS``. The result JSON holds the per-step losses and a hash
+of the final parameters and optimizer state. ``--matrix`` runs a whole list of
+crash-then-resume cases in forked children of one process (see ``run_matrix``).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import os
 import signal
 import sys
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -84,10 +89,80 @@ def signal_inside_commit(nth: int) -> None:
     CheckpointDirectory.commit = commit
 
 
+CRASH_STATUS = 17
+"""Exit status of a run stopped by an injected crash (``os._exit``)."""
+
+
+def crash_hooks(crash_at_iteration: int | None = None, crash_after_epoch: int | None = None) -> list:
+    """Trainer hooks that kill the process with ``os._exit(CRASH_STATUS)`` after that iteration / epoch end."""
+    hooks = []
+    if crash_at_iteration is not None:
+        hooks.append(lambda t: t.add_event_handler(Events.ITERATION_COMPLETED(once=crash_at_iteration),
+                                                   lambda: os._exit(CRASH_STATUS)))
+    if crash_after_epoch is not None:
+        hooks.append(lambda t: t.add_event_handler(Events.EPOCH_COMPLETED(once=crash_after_epoch),
+                                                   lambda: os._exit(CRASH_STATUS)))
+    return hooks
+
+
+def _forked_run(case: dict, phase: str) -> int:
+    """Fork a child that runs one phase of a matrix case; returns its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        hooks = crash_hooks(**case["crash"]) if phase == "crash" else []
+        result = train(case["dir"], resume="auto" if phase == "resume" else None, hooks=hooks, **case["config"])
+        if phase != "crash":  # a crash phase that gets here never crashed: status 1
+            with open(case["out"], "w") as f:
+                json.dump(result, f)
+            status = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def run_matrix(spec_path: str, parallel: int = 2) -> int:
+    """Run many cases in forked children, ``parallel`` at a time, importing torch once.
+
+    ``spec_path`` is a JSON list of cases ``{"name", "dir", "out", "config", "crash"}``:
+    ``config`` holds keyword arguments of :func:`train`; a case with a ``crash``
+    (keyword arguments of :func:`crash_hooks`) is run until the crash kills its
+    process (a real process exit, not an exception), then resumed with
+    ``resume="auto"`` in a new process; a case without one runs uninterrupted.
+    Each finished case writes its result JSON to ``out``. Prints one line per
+    unexpected exit status and returns 1 if there was any.
+    """
+    with open(spec_path) as f:
+        cases = json.load(f)
+    queue = collections.deque((i, "crash" if case.get("crash") else "run") for i, case in enumerate(cases))
+    running: dict[int, tuple[int, str]] = {}
+    failed = 0
+    while queue or running:
+        while queue and len(running) < parallel:
+            i, phase = queue.popleft()
+            running[_forked_run(cases[i], phase)] = (i, phase)
+        pid, status = os.wait()
+        i, phase = running.pop(pid)
+        code, expected = os.waitstatus_to_exitcode(status), CRASH_STATUS if phase == "crash" else 0
+        if code != expected:
+            failed += 1
+            print(f"{cases[i]['name']}: the {phase} run exited {code}, not {expected}", flush=True)
+        elif phase == "crash":
+            queue.append((i, "resume"))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dir", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--dir", required=True, help="the run's checkpoint directory (with --matrix: the cases' JSON file)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--matrix", action="store_true", help="run the cases listed in the --dir JSON file (see run_matrix)")
+    parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--workers", type=int, default=0)
@@ -100,7 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--signal-during-save", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--async-save", action="store_true", help="write checkpoints on the background writer")
     args = parser.parse_args(argv)
+    if args.matrix:
+        return run_matrix(args.dir, args.parallel)
+    if args.out is None:
+        parser.error("--out is required (except with --matrix)")
 
     hooks = []
     if args.signal_at_iteration is not None:
@@ -108,14 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                                                    lambda: os.kill(os.getpid(), signal.SIGTERM)))
     if args.signal_during_save is not None:
         signal_inside_commit(args.signal_during_save)
-    if args.crash_at_iteration is not None:
-        hooks.append(lambda t: t.add_event_handler(Events.ITERATION_COMPLETED(once=args.crash_at_iteration), lambda: os._exit(17)))
-    if args.crash_after_epoch is not None:
-        hooks.append(lambda t: t.add_event_handler(Events.EPOCH_COMPLETED(once=args.crash_after_epoch), lambda: os._exit(17)))
+    hooks += crash_hooks(args.crash_at_iteration, args.crash_after_epoch)
     result = train(
         args.dir, epochs=args.epochs, accumulation=args.accumulation, workers=args.workers,
         every_steps=args.every_steps, resume="auto" if args.resume else None, device=args.device,
-        precision=args.precision, preemption=args.preemption, hooks=hooks,
+        precision=args.precision, preemption=args.preemption, hooks=hooks, async_save=args.async_save,
     )
     if result is None:
         return PREEMPTED_EXIT_STATUS
@@ -126,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(
     run_dir, *, epochs: int = 3, accumulation: int = 1, workers: int = 0, every_steps: int = 2, keep_last: int = 2,
-    resume=None, device: str = "cpu", precision: str = "fp32", preemption: bool = False, hooks=(),
+    resume=None, device: str = "cpu", precision: str = "fp32", preemption: bool = False, hooks=(), async_save: bool = False,
 ) -> dict | None:
     """One run (in this process); the result dict, or None when it was preempted.
 
@@ -145,7 +222,8 @@ def train(
     record = LossRecord()
     register_stateful(trainer, "losses", record)
     trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda e: record.losses.append(e.state.output.loss.item()))
-    rotation = CheckpointRotation(run_dir, every_steps=every_steps, keep_last=keep_last, resume=resume)
+    # Explicit both ways: the tests name the save mode they check, whatever the default is.
+    rotation = CheckpointRotation(run_dir, every_steps=every_steps, keep_last=keep_last, resume=resume, async_save=async_save)
     rotation.attach(trainer)
     if preemption:
         Preemption(rotation).attach(trainer)

@@ -1,0 +1,158 @@
+"""Crash consistency with asynchronous saves: processes killed while the background writer works.
+
+The crash cases of the storage tests (a kill at each point of a commit, a kill
+between commit and deletion with keep-last = 1, SIGKILL at random moments)
+run there against ``CheckpointDirectory`` alone. Here the same kills hit a
+training run whose ``CheckpointRotation(async_save=True)`` writes on its
+background thread, plus a kill while that write is in flight. After every
+kill: each file under a checkpoint name verifies, the newest valid checkpoint
+is the one the kill point allows, and a rerun with ``resume="auto"`` sweeps
+the temp files and ends bitwise equal to an uninterrupted run.
+
+Runs are children forked by one driver process (``tests.resume.writer_faults``).
+The training run is ``tests/resume/train_script.py``'s: 36 optimizer steps,
+a save every 2 (every 1 in the kill loops); none of that changes the training,
+so one uninterrupted run is the reference for all.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine_kit.checkpoint import TEMP_PREFIX, CheckpointDirectory, verify_checkpoint_file
+from tests.resume.writer_faults import driver
+
+Ask = Callable[..., dict[str, Any]]
+COMPARED = ("losses", "params", "optimizer", "scheduler", "lr", "optimizer_steps")
+
+
+@pytest.fixture(scope="module")
+def ask(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ask]:
+    with driver(tmp_path_factory.mktemp("driver"), seed=13) as ask:
+        yield ask
+
+
+@pytest.fixture(scope="module")
+def reference(ask: Ask, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("reference")
+    reply = ask(dir=str(folder / "ckpt"), out=str(folder / "out.json"), config={"async_save": False})
+    assert reply["status"] == 0
+    return json.loads((folder / "out.json").read_text())
+
+
+def sound_steps(folder: Path) -> list[int]:
+    """Check that every file under a checkpoint name is whole; return the steps of the valid checkpoints."""
+    for path in folder.glob("*.ekpt"):
+        verify_checkpoint_file(path)  # a partial file under a final name fails here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a file committed just before its index update is adopted, with a warning
+        return [entry.step for entry in CheckpointDirectory(folder, read_only=True).entries()]
+
+
+def newest_step(folder: Path) -> int | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = CheckpointDirectory(folder, read_only=True).load_newest_valid()
+    if found is None:
+        return None
+    entry, payload = found
+    assert payload["trainer"]["iteration"] == entry.step  # accumulation 1: one optimizer step per iteration
+    return entry.step
+
+
+def temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX))
+
+
+def rerun_and_compare(ask: Ask, folder: Path, reference: dict, **config: Any) -> dict:
+    """Resume to the end with async saves; the temp files are gone and the result is the reference's."""
+    out = folder.parent / f"{folder.name}.json"
+    reply = ask(dir=str(folder), out=str(out), resume=True, config={"async_save": True, **config})
+    assert reply["status"] == 0, reply
+    result = json.loads(out.read_text())
+    assert temps(folder) == [], "the rerun left a temp file"
+    sound_steps(folder)
+    for key in COMPARED:
+        assert result[key] == reference[key], f"{key} differs from the uninterrupted run"
+    return result
+
+
+# -- a kill while the background write is in flight ----------------------------------------------------
+@pytest.mark.parametrize("point", ["mid-write", "temp-fsync"])
+def test_a_kill_during_a_background_write_keeps_the_previous_checkpoint_newest(
+    ask: Ask, reference: dict, tmp_path: Path, point: str
+) -> None:
+    folder = tmp_path / "ckpt"
+    # The writer stalls inside the third save (step 6): with bytes in the temp file, or with all of them
+    # before its fsync; the training thread goes on meanwhile. The driver SIGKILLs the process then.
+    stall = {"at": point, "action": "stall", "nth": 3}
+    reply = ask(dir=str(folder), config={"async_save": True}, fault=stall, kill_on_beacon=True)
+    assert reply["stalled"] and reply["status"] == -signal.SIGKILL, reply
+    assert len(reply["temps"]) == 1, f"no temp file while the write was in flight: {reply}"
+    assert temps(folder) == reply["temps"]  # a kill leaves it: only the rerun may sweep it
+    if point == "mid-write":
+        assert (folder / reply["temps"][0]).stat().st_size > 0
+    assert sound_steps(folder) == [2, 4] and newest_step(folder) == 4
+    result = rerun_and_compare(ask, folder, reference)
+    assert Path(result["resumed_from"]).name.startswith("step00000004")
+
+
+# -- RELIABILITY cases 2 and 4 through the handler: an exit at each point of a background commit -----------
+# keep-last = 1; the third save (step 6) is cut. Newest valid after the exit: all-old (4) until the
+# file has its final name, all-new (6) from then on (a whole file not yet indexed is adopted).
+EXIT_POINTS = {"temp-fsync": 4, "link": 4, "after-link": 6, "index-replace": 6, "unlink": 6}
+
+
+@pytest.mark.parametrize("point", list(EXIT_POINTS))
+def test_an_exit_at_each_point_of_a_background_commit_leaves_all_old_or_all_new(
+    ask: Ask, reference: dict, tmp_path: Path, point: str
+) -> None:
+    folder = tmp_path / "ckpt"
+    reply = ask(dir=str(folder), config={"async_save": True, "keep_last": 1}, fault={"at": point, "action": "exit", "nth": 3})
+    assert reply["status"] == 17, reply
+    steps = sound_steps(folder)
+    assert steps and newest_step(folder) == EXIT_POINTS[point]  # never zero valid checkpoints with keep-last = 1
+    assert set(steps) <= {4, 6}
+    rerun_and_compare(ask, folder, reference, keep_last=1)
+
+
+# -- RELIABILITY case 1 through the handler: SIGKILL at random moments of an async training run ------------
+def kill_loop(ask: Ask, folder: Path, reference: dict, kills: int, seed: int) -> None:
+    """SIGKILL an async run (a save every step, keep-last 1 or 2) at random moments, resuming each time."""
+    rng = random.Random(seed)
+    newest, completed = 0, False
+    for kill in range(kills):
+        config = {"async_save": True, "every_steps": 1, "keep_last": rng.choice([1, 2])}
+        # After 0-3 iterations plus a random fraction of 2 iterations' time: start-up, resume, training, any write.
+        reply = ask(dir=str(folder), config=config, resume=kill > 0, random_kill=[rng.randint(0, 3), 2.0])
+        if reply["status"] == 0:  # the run ended before the kill
+            completed = True
+            break
+        assert reply["status"] == -signal.SIGKILL, (kill, reply)
+        steps = sound_steps(folder)
+        step = newest_step(folder)
+        if newest:
+            assert step is not None and step >= newest, f"kill {kill}: committed progress went back ({steps}, was {newest})"
+        newest = step or 0
+    assert newest > 0 or completed, "no save ever became durable between the kills"
+    rerun_and_compare(ask, folder, reference, every_steps=1)
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_at_random_moments_of_an_async_run(ask: Ask, reference: dict, tmp_path: Path) -> None:
+    kill_loop(ask, tmp_path / "ckpt", reference, kills=5, seed=5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigkill_at_random_moments_of_an_async_run_many_times(ask: Ask, reference: dict, tmp_path: Path) -> None:
+    for seed in range(4):  # each loop ends with a bitwise rerun; the run has 36 steps, so several loops
+        kill_loop(ask, tmp_path / f"ckpt{seed}", reference, kills=12, seed=100 + seed)
