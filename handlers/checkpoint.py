@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 import warnings
 from dataclasses import replace
@@ -19,7 +18,7 @@ from engine_kit.checkpoint.snapshot import SnapshotBuffers
 from engine_kit.distributed import add_rank_states, agree, decide, gather_rank_states, is_multiprocess
 from engine_kit.distributed.resume import check_run_start, resume_every_rank
 from engine_kit.checks import check_bool, check_path
-from engine_kit.errors import CheckpointDirectoryNotEmptyError, fix_message
+from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful, save_refusal
 from engine_kit.engine import cleanup_handler
@@ -28,27 +27,13 @@ from engine_kit.training_state import capture_training_state, restore_training_s
 from handlers.background_save import BackgroundSaves
 from handlers.save_fence import StepFence, fenced_storages
 from handlers.base import Handler
+from handlers.checkpoint_resume import branch_from, refuse_foreign_checkpoints
 from handlers.events import register_validation_events
 from handlers.rotation_policy import Kept, RotationPolicy
 
 
 ERROR_WAIT_S = 300.0
 """How long a failing run waits for the background write in flight before it lets the error go on."""
-
-
-def _refuse_foreign_checkpoints(directory: CheckpointDirectory) -> None:
-    existing = directory.entries()
-    if existing:
-        newest = max(existing, key=lambda e: e.step)
-        problem = (
-            f"resume=None starts a fresh run, but {directory.path!r} already holds {len(existing)} checkpoint(s) "
-            f"of an earlier run (newest {newest.name!r}, step {newest.step}); a fresh run there would mix them "
-            "into its rotation. Nothing was changed."
-        )
-        raise CheckpointDirectoryNotEmptyError(
-            fix_message(problem, "pass resume='auto' to continue that run, point the new run at another directory, "
-                        "or move those files away first.")
-        )
 
 
 def _check_every(every_steps: Any) -> int | None:
@@ -162,7 +147,7 @@ class CheckpointRotation(Handler):
         # Opened now so that an unwritable directory fails at construction, not hours later.
         self.directory: CheckpointDirectory | None = CheckpointDirectory(self.dirname) if self.writer else None
         if resume is None and self.directory is not None:
-            _refuse_foreign_checkpoints(self.directory)
+            refuse_foreign_checkpoints(self.directory)
         self.run_id = uuid.uuid4().hex[:16]  # a resumed run takes its checkpoint's id instead
         self.validations_seen = 0
         self.last_saved_step = -1
@@ -313,7 +298,7 @@ class CheckpointRotation(Handler):
                              run_id=self.run_id, retag={k.name: sorted(k.tags) for k in kept_after}, rotate_out=dropped)
             saved = partial(self._saved, engine, name, state.optimizer_steps)
             if self._background is None or keep_at_least_one:
-                commit(payload)  # synchronous: asked for, or a preemption's last save
+                commit(self._on_host(engine, payload))  # synchronous: asked for, or a preemption's last save
             else:
                 self._submit(engine, payload, commit, saved, os.path.join(self.dirname, name))
                 return True
@@ -322,6 +307,14 @@ class CheckpointRotation(Handler):
             raise
         saved()
         return True
+
+    def _on_host(self, engine: Engine, payload: dict[str, Any]) -> dict[str, Any]:
+        """A synchronous save of a CUDA model writes the same host copy a background save would (the same bytes)."""
+        if not any(p.is_cuda for p in unwrap_model(engine.step.model).parameters()):
+            return payload
+        snapshot = self._snapshots.capture(payload)
+        snapshot.wait_ready()
+        return snapshot.payload
 
     def _submit(self, engine: Engine, payload: dict[str, Any], commit: Callable[..., Any], saved: Callable[[], None], path: str) -> None:
         """Snapshot ``payload`` on the training thread, then write it on the writer thread."""
@@ -386,32 +379,5 @@ class CheckpointRotation(Handler):
     def _resumed(self, engine: Engine, path: str) -> None:
         self.resumed_from = path
         engine.state.resumed_from = path
-        if self.resume != "auto":
-            self._branch(engine, path)
-
-    def _branch(self, engine: Engine, path: str) -> None:
-        """Resuming from an explicit file: keep every newer checkpoint, out of this run's rotation.
-
-        They are moved into a ``branched-from-step<N>-<time>`` subfolder, never
-        deleted; the resumed run then saves and rotates as usual.
-        """
-        if self.directory is None:
-            return
-        step = engine.state.optimizer_steps
-        resumed = os.path.basename(path) if os.path.dirname(path) == self.dirname else None
-        newer = [e.name for e in self.directory.entries() if e.step > step and e.name != resumed]
-        if not newer:
-            return
-        set_aside = getattr(self.directory, "set_aside", None)
-        if set_aside is None:
-            warnings.warn(
-                f"CheckpointRotation: resumed from step {step}; the newer checkpoints {newer} stay in the directory "
-                "and the rotation ranks them with this run's.", stacklevel=2,
-            )
-            return
-        folder = f"branched-from-step{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
-        set_aside(newer, folder)
-        warnings.warn(
-            f"CheckpointRotation: resumed from step {step}, older than the newest checkpoint; the newer checkpoints "
-            f"{newer} were moved (not deleted) to {os.path.join(self.dirname, folder)!r}.", stacklevel=2,
-        )
+        if self.resume != "auto" and self.directory is not None:
+            branch_from(self.directory, engine.state.optimizer_steps, path)

@@ -71,6 +71,7 @@ def attach_standard(
     resume: str | None = "auto",
     train_data: Any = None,
     doctor: bool = True,
+    async_save: bool = True,
 ) -> StandardHandlers:
     """Validation, early stopping, TensorBoard, grad norms, step log, NaN guard, doctor, progress, checkpoints.
 
@@ -95,6 +96,8 @@ def attach_standard(
         train_data: the training dataset/loader, to warn when validation overlaps it.
         doctor: attach a ``Doctor`` (findings in the log, TensorBoard and ``doctor.json``);
             it adds no per-iteration work once the first iterations are checked.
+        async_save: write checkpoints on a background thread (see ``CheckpointRotation``);
+            ``False`` writes each one on the training thread.
 
     >>> import tempfile, torch
     >>> from ignite.metrics import Accuracy
@@ -135,7 +138,8 @@ def attach_standard(
         bar = ProgressBar()
         bar.attach(trainer)
     checkpoints = CheckpointRotation(run_dir / "checkpoints", every_steps=checkpoint_every_steps, keep_last=keep_last,
-                                     keep_best=keep_best, metric=metric if keep_best else None, mode=mode, resume=resume)
+                                     keep_best=keep_best, metric=metric if keep_best else None, mode=mode, resume=resume,
+                                     async_save=async_save)
     checkpoints.attach(trainer)
     return StandardHandlers(validation, early_stopping, tensorboard, grad_norm, step_log, nan_guard, bar, checkpoints,
                             doctor_handler)

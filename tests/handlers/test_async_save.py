@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -17,7 +19,11 @@ from ignite.engine import Events
 
 from engine_kit import CheckpointWriteError, StepEvents, create_trainer
 from engine_kit.errors import HandlerError
-from engine_kit.checkpoint import CheckpointDirectory, directory as directory_module
+import engine_kit.training_state as training_state_module
+from engine_kit.checkpoint import CheckpointDirectory, directory as directory_module, streaming as streaming_module, verify_checkpoint_file
+from engine_kit.checkpoint.commands import verify_command
+from engine_kit.checkpoint.snapshot import SnapshotBuffers
+from handlers.background_save import BackgroundSaves
 from handlers.checkpoint import CheckpointRotation
 from tests.helpers import mlp, regression_batches
 
@@ -147,7 +153,9 @@ trainer.run(regression_batches(8, 4), max_epochs=3)
 """
 
 
-@pytest.mark.parametrize(("point", "newest"), [("link", 2), ("replace", 3), ("fsync", 3)])
+@pytest.mark.parametrize(("point", "newest"), [
+    pytest.param("link", 2, marks=pytest.mark.slow), ("replace", 3), pytest.param("fsync", 3, marks=pytest.mark.slow),
+])
 def test_sigkill_during_an_async_save_leaves_a_valid_newest_checkpoint(tmp_path: Path, point: str, newest: int) -> None:
     """Killed on the writer thread during the third save (step 3): before its link, before the index's rename, at the directory fsync."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -158,3 +166,128 @@ def test_sigkill_during_an_async_save_leaves_a_valid_newest_checkpoint(tmp_path:
         warnings.simplefilter("ignore")  # the adoption of a file killed before its index update
         entry, payload = CheckpointDirectory(tmp_path, read_only=True).load_newest_valid()
     assert entry.step == newest and isinstance(payload["model"], dict)
+
+
+# -- the write itself: same bytes, verified, snapshots consistent and reused ------------------------------------
+
+
+def _fixed_clock_run(folder: Path, monkeypatch: pytest.MonkeyPatch, **rotation_options: object) -> CheckpointRotation:
+    """A run whose checkpoints differ only if the write path does: fixed clock, fixed run id, BatchNorm buffers."""
+    monkeypatch.setattr(training_state_module.time, "time", lambda: 1.0e9)
+    monkeypatch.setattr(directory_module.time, "time", lambda: 1.0e9)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    trainer = create_trainer(model, torch.optim.AdamW(model.parameters(), lr=0.01), F.mse_loss)
+    mode = rotation_options.pop("snapshot_mode", "copy")
+    rotation = CheckpointRotation(folder, every_steps=2, keep_last=3, **rotation_options)
+    rotation.run_id = "fixed-run-id"
+    rotation.snapshot_mode = mode
+    rotation.attach(trainer)
+    trainer.run(regression_batches(24, 4), max_epochs=1)
+    return rotation
+
+
+@pytest.mark.parametrize("mode", ["copy", "fence"])
+def test_async_files_are_byte_identical_to_sync_files_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    _fixed_clock_run(tmp_path / "sync", monkeypatch, async_save=False)
+    _fixed_clock_run(tmp_path / "async", monkeypatch, async_save=True, snapshot_mode=mode)
+    names = sorted(p.name for p in (tmp_path / "sync").glob("*.ekpt"))
+    assert names == sorted(p.name for p in (tmp_path / "async").glob("*.ekpt")) and len(names) == 3
+    for name in names:
+        assert (tmp_path / "sync" / name).read_bytes() == (tmp_path / "async" / name).read_bytes(), name
+        assert verify_checkpoint_file(tmp_path / "async" / name).record.name == name
+    assert not list((tmp_path / "async").glob(".ek-tmp-*"))
+    assert verify_command(str(tmp_path / "async")) == 0  # what `engine-kit ckpt verify DIR` runs
+
+
+def test_snapshot_bytes_equal_the_live_payload_bytes_with_tied_weights_and_views() -> None:
+    embedding = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = embedding.weight  # tied: one storage, saved once
+    model = torch.nn.ModuleDict({"embedding": embedding, "head": head, "norm": torch.nn.BatchNorm1d(3)})
+    payload = {"model": model.state_dict(), "view": torch.arange(10.0)[2:7:2], "rng": torch.get_rng_state(), "nested": [1, ("a", 2.5)]}
+    payload["again"] = payload["nested"]  # a container referenced twice stays one container
+    live, copied = io.BytesIO(), io.BytesIO()
+    torch.save(payload, live)
+    snapshot = SnapshotBuffers().capture(payload)
+    torch.save(snapshot.payload, copied)
+    assert live.getvalue() == copied.getvalue()
+    shared = snapshot.payload["model"]
+    assert shared["embedding.weight"].untyped_storage().data_ptr() == shared["head.weight"].untyped_storage().data_ptr()
+
+
+def test_snapshot_buffers_are_reused_and_a_snapshot_is_not_disturbed_by_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow writer: training runs on while the file is written, yet the file holds the state of its save step."""
+    real_write = streaming_module.write_sealed
+
+    def slow_write(*args: object) -> object:
+        time.sleep(0.2)
+        return real_write(*args)
+
+    monkeypatch.setattr(streaming_module, "write_sealed", slow_write)
+    torch.manual_seed(0)
+    model = mlp(in_features=2, out=1)
+    trainer = create_trainer(model, torch.optim.AdamW(model.parameters(), lr=0.1), F.mse_loss)
+    rotation = CheckpointRotation(tmp_path, every_steps=3, at_epoch_end=False, keep_last=6, async_save=True)
+    at_save: dict[int, dict[str, torch.Tensor]] = {}
+    storages: list[int] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)  # before the rotation's handler: the state it is about to capture
+    def remember(engine: object) -> None:
+        if engine.state.optimizer_steps % 3 == 0:
+            at_save[engine.state.optimizer_steps] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    rotation.attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: storages.extend(
+        b.data_ptr() for b in rotation._snapshots._buffers) if e.state.optimizer_steps % 3 == 0 else None)
+    trainer.run(regression_batches(40, 2), max_epochs=1)  # 20 steps: saves at 3, 6, ..., 18
+    reader = CheckpointDirectory(tmp_path, read_only=True)
+    entries = reader.entries()
+    assert [e.step for e in entries] == [3, 6, 9, 12, 15, 18]
+    for entry in entries:
+        saved = reader.load(entry)["model"]
+        assert all(torch.equal(saved[k], at_save[entry.step][k]) for k in saved), entry.step
+    # The same host buffers serve every save: allocated at the first, reused by the next five.
+    per_save = len(rotation._snapshots._buffers)
+    assert rotation._snapshots.allocations == per_save and len(set(storages)) == per_save
+    assert rotation.waits >= 1 and trainer.state.checkpoint_waits == rotation.waits  # 0.2 s writes, saves 3 steps apart
+
+
+def test_interrupt_and_keyboard_interrupt_wait_for_the_write_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = streaming_module.write_sealed
+    monkeypatch.setattr(streaming_module, "write_sealed", lambda *args: (time.sleep(0.3), real_write(*args))[1])
+    torch.manual_seed(0)
+    model = mlp(in_features=2, out=1)
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
+    rotation = CheckpointRotation(tmp_path, every_steps=2, at_epoch_end=False, keep_last=5, async_save=True)
+    rotation.attach(trainer)
+    announced: list[int] = []
+    trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda e: announced.append(e.state.last_checkpoint_step))
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def stop(engine: object) -> None:
+        if engine.state.optimizer_steps == 2:
+            assert rotation._background.writing
+            engine.interrupt()
+        if engine.state.optimizer_steps == 4:
+            assert rotation._background.writing
+            raise KeyboardInterrupt
+
+    trainer.run(regression_batches(40, 4), max_epochs=1)
+    assert announced == [2] and not rotation._background.pending  # run() returned once the file was durable
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(regression_batches(40, 4), max_epochs=1)  # resumes after the interrupt
+    assert not rotation._background.pending
+    assert [e.step for e in CheckpointDirectory(tmp_path, read_only=True).entries()] == [2, 4]
+
+
+def test_a_failure_deferred_for_the_ranks_is_raised_at_the_next_settle(tmp_path: Path) -> None:
+    saves = BackgroundSaves(defer_failures=True)
+    saves.submit(lambda serialized: (_ for _ in ()).throw(OSError(5, "Input/output error")), lambda: None, path=str(tmp_path / "a.ekpt"))
+    while saves.writing:
+        time.sleep(0.01)
+    saves.poll()  # multi-process: not at an iteration, where the other ranks could not follow
+    assert saves.pending
+    with pytest.raises(CheckpointWriteError, match=r"a\.ekpt.*Input/output error.*To fix:"):
+        saves.settle()
+    assert not saves.pending
