@@ -20,7 +20,9 @@ itself), ``stall`` (signal the driver through the beacon pipe, then sleep
 
 The driver (``python -m tests.resume.writer_faults``) imports torch once and
 forks one child per request: one JSON request per stdin line, one JSON reply
-per stdout line (see :func:`serve`).
+per stdout line (see :func:`serve`). ``python -m tests.resume.writer_faults lab
+[--fault AT:ACTION:NTH:SECONDS] -- <lab arguments>`` runs the lab with async
+saves and that fault (see :func:`lab_main`).
 """
 
 from __future__ import annotations
@@ -201,6 +203,7 @@ def break_after_save(step: int, action: Callable[[], None], saved: list[int]) ->
 
 def _child(request: dict[str, Any], beacon: int) -> int:
     """One training run in a forked child; its exit status."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, whatever the driver inherited
     fault = request.get("fault")
     if fault:
         install_fault(fault["at"], fault["action"], fault["nth"], beacon, fault.get("seconds", 600.0))
@@ -340,5 +343,41 @@ def driver(folder: Path, seed: int = 0) -> Iterator[Callable[..., dict[str, Any]
                 process.wait()
 
 
+def lab_main(argv: list[str]) -> None:
+    """Run the FashionMNIST lab with async saves forced on and, optionally, a writer fault.
+
+    ``argv``: ``[--fault AT:ACTION:NTH:SECONDS] -- <lab arguments>``. Every
+    ``CheckpointRotation`` the lab builds gets ``async_save=True``; at exit the
+    process prints ``async rotations: N`` (how many were built with a background writer).
+    """
+    import atexit
+    import functools
+    import runpy
+
+    from handlers.checkpoint import CheckpointRotation
+
+    split = argv.index("--")
+    options, lab_args = argv[:split], argv[split + 1:]
+    if options[:1] == ["--fault"]:
+        at, action, nth, seconds = options[1].split(":")
+        install_fault(at, action, int(nth), None, float(seconds))
+    built: list[Any] = []
+    real_init = CheckpointRotation.__init__
+
+    @functools.wraps(real_init)
+    def init(self: CheckpointRotation, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **{**kwargs, "async_save": True})
+        built.append(self)
+
+    CheckpointRotation.__init__ = init
+    atexit.register(lambda: print(f"async rotations: {sum(r._background is not None for r in built)}", flush=True))
+    lab = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist.py"
+    sys.argv = [str(lab), *lab_args]
+    runpy.run_path(str(lab), run_name="__main__")
+
+
 if __name__ == "__main__":
-    serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    if sys.argv[1:2] == ["lab"]:
+        lab_main(sys.argv[2:])
+    else:
+        serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
