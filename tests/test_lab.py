@@ -102,6 +102,26 @@ def test_report_command_regenerates_the_artifacts(lab_runs):
     assert "resumed from" in (crashed / "summary.md").read_text()
 
 
+def test_with_async_saves_the_lab_ends_with_its_final_checkpoint_verified(lab_runs, tmp_path, capsys):
+    from engine_kit.checkpoint import CheckpointDirectory
+    from engine_kit.cli import main as engine_kit_cli
+
+    straight = lab_runs[0]
+    run_dir = tmp_path / "async"
+    # tests/resume/writer_faults.py runs the lab with every CheckpointRotation forced to async_save=True.
+    cmd = [sys.executable, "-m", "tests.resume.writer_faults", "lab", "--",
+           "--run-dir", str(run_dir), "--quick", "--dataset", "digits", "--seed", "3"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "async rotations: 1" in result.stdout  # the lab's rotation wrote in the background
+    assert engine_kit_cli(["ckpt", "verify", str(run_dir / "checkpoints")]) == 0, capsys.readouterr().out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # The run's end waited for the last background save: the final step's checkpoint is there, whole.
+    assert CheckpointDirectory(run_dir / "checkpoints", read_only=True).newest_valid().step == summary["optimizer_steps"] == 16
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".ek-tmp")]
+    assert summary["final_params_sha256"] == json.loads((straight / "summary.json").read_text())["final_params_sha256"]
+
+
 # -- run directory checked up front ---------------------------------------------------------------------
 def test_a_file_at_the_run_directory_fails_at_once_naming_the_path(tmp_path):
     blocker = tmp_path / "not-a-dir"
