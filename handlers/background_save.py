@@ -117,6 +117,13 @@ class BackgroundSaves:
         if job is not None:
             job.serialized.wait()
 
+    def finish(self) -> None:
+        """Wait for the write in flight, then collect its outcome as :meth:`poll` would (a deferred failure stays)."""
+        job = self._job
+        if job is not None:
+            job.done.wait()
+            self.poll()
+
     def poll(self) -> None:
         """Collect the outcome of a finished save, without waiting for one still running."""
         job = self._job

@@ -173,8 +173,8 @@ class CheckpointRotation(Handler):
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
         # A failed run still waits for the save in flight; its failure becomes a note on the run's error.
         trainer.add_event_handler(Events.EXCEPTION_RAISED, cleanup_handler(lambda engine, error: self._settle(timeout_s=ERROR_WAIT_S)))
-        # engine.interrupt(): run() returns until the next run() resumes; the save in flight is collected first.
-        trainer.add_event_handler(Events.INTERRUPT, lambda: self._settle())
+        # engine.interrupt(): run() returns until the next run() resumes; the save in flight is finished first.
+        trainer.add_event_handler(Events.INTERRUPT, self._finish_pending)
         # Every rank waits here, so none exits while rank 0 still writes (and a failure reaches all).
         trainer.add_event_handler(Events.COMPLETED, lambda: agree("finish the run", self.close))
 
@@ -189,8 +189,7 @@ class CheckpointRotation(Handler):
             self._settle()
         finally:
             if self._fence is not None:
-                self._fence.disarm()
-                self._fence = None
+                self._fence.disarm()  # the next run's first fenced save arms it again
             if self.directory is not None:
                 self.directory.close()
                 self.directory = None
@@ -198,9 +197,14 @@ class CheckpointRotation(Handler):
     def _on_started(self, engine: Engine) -> None:
         engine.state.checkpoint_waits = self.waits
         if self._background is not None:
-            self._background.settle()  # an earlier run's save (after an interrupt): its outcome first
             # Multi-process: a failure waits for a point every rank reaches (see the class docstring).
             self._background.defer_failures = is_multiprocess()
+        self._finish_pending()  # an earlier run's save (after an interrupt): its outcome first
+
+    def _finish_pending(self) -> None:
+        """Wait for the write in flight and collect its outcome (multi-process: a failure is kept for the ranks)."""
+        if self._background is not None:
+            self._background.finish()
 
     def _open(self) -> CheckpointDirectory:
         if self.directory is None:

@@ -47,44 +47,17 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 from engine_kit.checkpoint.atomic import fsync_directory, sweep_stale_temps, temp_prefix
 from engine_kit.checkpoint.fileformat import save_checkpoint_file
 from engine_kit.checkpoint.index import IndexState
 from engine_kit.checkpoint.lock import DirectoryLock
 from engine_kit.checkpoint.reader import IndexedReader
+from engine_kit.checkpoint.repair_report import RepairReport, check_count as _check_count
 from engine_kit.checkpoint.record import CheckpointRecord
 from engine_kit.checkpoint.registry import CHECKPOINT_SUFFIX, RegistryEntry, validate_name
 from engine_kit.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError, fix_message
-
-
-class RepairReport(NamedTuple):
-    """What :meth:`CheckpointDirectory.repair` found and did (no checkpoint is ever deleted by it).
-
-    Attributes:
-        missing: indexed names whose file was gone (entries dropped).
-        invalid: why each entry that disagreed with its file was dropped.
-        finished: files a crashed rotation had unindexed; now deleted.
-        orphans: files left in place but excluded from the index (set aside).
-        adopted: verified files the index did not list; now listed.
-        rebuilt_because: why registry.json itself was rebuilt (None: it was usable).
-        set_aside: why each newly set-aside file was excluded.
-    """
-
-    missing: list[str]
-    invalid: list[str]
-    finished: list[str]
-    orphans: list[str]
-    adopted: list[str] = []
-    rebuilt_because: str | None = None
-    set_aside: dict[str, str] = {}
-
-
-def _check_count(key: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(fix_message(f"{key}={value!r} is not an integer >= 0.", f"pass the engine's {key} count."))
-    return value
 
 
 class CheckpointDirectory(IndexedReader):

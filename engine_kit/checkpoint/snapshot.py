@@ -44,6 +44,12 @@ import torch
 
 _MAPPINGS = (dict, collections.OrderedDict, collections.Counter)
 _SEQUENCES = (list, tuple, set)
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    """A dense tensor with data: one a snapshot can copy storage for storage."""
+    return tensor.layout == torch.strided and not tensor.is_quantized and tensor.device.type != "meta"
 
 
 @dataclasses.dataclass
@@ -139,12 +145,14 @@ class _Capture:
 
     def value(self, value: Any) -> Any:
         kind = type(value)
-        if not (kind in _MAPPINGS or kind in _SEQUENCES or isinstance(value, torch.Tensor)):
-            return value  # numbers, strings, sizes, dtypes...: immutable, kept
+        if not (kind in _MAPPINGS or kind in _SEQUENCES or (kind in _TENSORS and _plain(value))):
+            # Numbers, strings, sizes, dtypes: immutable, kept. Anything else (a sparse tensor, a tensor
+            # subclass, a numpy array) is kept too, for the writer's type check to refuse, naming its key.
+            return value
         if id(value) in self.memo:
             return self.memo[id(value)]
         self.keep.append(value)
-        if isinstance(value, torch.Tensor):
+        if kind in _TENSORS:
             copy = self.tensor(value)
         elif kind in _MAPPINGS:
             copy = kind()

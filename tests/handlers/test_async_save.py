@@ -216,8 +216,12 @@ def test_snapshot_bytes_equal_the_live_payload_bytes_with_tied_weights_and_views
     assert shared["embedding.weight"].untyped_storage().data_ptr() == shared["head.weight"].untyped_storage().data_ptr()
 
 
-def test_snapshot_buffers_are_reused_and_a_snapshot_is_not_disturbed_by_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A slow writer: training runs on while the file is written, yet the file holds the state of its save step."""
+@pytest.mark.parametrize("mode", ["copy", "fence"])
+def test_snapshot_buffers_are_reused_and_a_snapshot_is_not_disturbed_by_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """A slow writer: training runs on while the file is written, yet the file holds the state of its save step.
+
+    In fence mode the weights are not copied: the next optimizer step waits until they are serialized.
+    """
     real_write = streaming_module.write_sealed
 
     def slow_write(*args: object) -> object:
@@ -229,6 +233,7 @@ def test_snapshot_buffers_are_reused_and_a_snapshot_is_not_disturbed_by_training
     model = mlp(in_features=2, out=1)
     trainer = create_trainer(model, torch.optim.AdamW(model.parameters(), lr=0.1), F.mse_loss)
     rotation = CheckpointRotation(tmp_path, every_steps=3, at_epoch_end=False, keep_last=6, async_save=True)
+    rotation.snapshot_mode = mode
     at_save: dict[int, dict[str, torch.Tensor]] = {}
     storages: list[int] = []
 
@@ -251,6 +256,8 @@ def test_snapshot_buffers_are_reused_and_a_snapshot_is_not_disturbed_by_training
     per_save = len(rotation._snapshots._buffers)
     assert rotation._snapshots.allocations == per_save and len(set(storages)) == per_save
     assert rotation.waits >= 1 and trainer.state.checkpoint_waits == rotation.waits  # 0.2 s writes, saves 3 steps apart
+    if mode == "fence":
+        assert rotation._fence.waited_s > 0 and not rotation._fence._hooked  # held steps back; disarmed at the end
 
 
 def test_interrupt_and_keyboard_interrupt_wait_for_the_write_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
