@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint cost: MLP {args.width // 4}-{args.width}-{args.width}-{args.width // 4}, {params / 1e6:.1f}M parameters, "
           f"AdamW, fp32, batch {args.batch}, on {device}; model + optimizer state {state_mb:.0f} MB; "
           f"{args.repeats} isolated repeats; {args.loop_repeats} loop repeats of {args.steps} steps, a save every {args.every}; "
-          f"memory: {'one subprocess per row, ' + next(iter(mem.values()))['method'] if mem else 'not measured'}")
+          f"memory: {memory.describe(next(iter(mem.values()))) if mem else 'not measured'}")
     print(f"{describe(env)}; files under {env['directory']}; {time.perf_counter() - started:.0f} s")
     print()
     print(report.tables(rows, checks, skipped, report.baseline_step(loops), state_mb))

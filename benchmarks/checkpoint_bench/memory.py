@@ -10,7 +10,11 @@ reset (``/proc/self/clear_refs``, then ``VmHWM`` from ``/proc/self/status``);
 where the kernel refuses the reset, a thread samples ``VmRSS`` every
 millisecond instead (the method used is recorded). Extra peak = peak with
 saves − peak without: it includes everything a save keeps between saves
-(reused snapshot buffers) and anything two overlapping saves hold at once.
+(reused snapshot buffers) and anything two overlapping saves hold at once:
+saves every 4 steps are due while the previous write may still run, the
+worst case for memory (a saver without back-pressure holds two snapshots).
+Memory the C allocator keeps after a free and hands out again (the freed
+gradients, say) is not counted twice: this is what the process really holds.
 """
 
 from __future__ import annotations
@@ -95,6 +99,12 @@ def measure_in_this_process(name: str, width: int, batch: int, device: torch.dev
     with_saves = peak.peak()
     return {"row": name, "peak_rss_without_saves_bytes": without, "peak_rss_with_saves_bytes": with_saves,
             "extra_peak_bytes": with_saves - without, "saves": STEPS // EVERY, "method": peak.method}
+
+
+def describe(record: dict[str, Any]) -> str:
+    """How the memory column was measured, for the report's header line."""
+    return (f"one fresh subprocess per row, peak RSS ({record['method']}) of {STEPS} steps saving every {EVERY} "
+            f"minus the same {STEPS} steps without saves")
 
 
 def measure_rows(names: list[str], width: int, batch: int, device: torch.device, root: Path, *,

@@ -109,6 +109,7 @@ class PlainCopy(Saver):
     def save(self) -> None:
         tensors = tensors_of(raw_state(self.model, self.optimizer))
         if self.device.type != "cuda":
+            self._copy = []  # the previous copy goes first: one copy at a time, as a snapshot that was written
             self._copy = [t.detach().clone() for t in tensors]
             return
         if len(self._copy) != len(tensors):
