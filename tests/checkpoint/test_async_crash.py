@@ -18,8 +18,10 @@ so one uninterrupted run is the reference for all.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,8 +29,9 @@ from typing import Any
 
 import pytest
 
-from engine_kit.checkpoint import TEMP_PREFIX, CheckpointDirectory, verify_checkpoint_file
-from tests.resume.writer_faults import driver
+from engine_kit.checkpoint import LOCK_NAME, REGISTRY_NAME, TEMP_PREFIX, CheckpointDirectory, verify_checkpoint_file
+from tests.resume.train_script import train
+from tests.resume.writer_faults import WRITER_THREAD, driver
 
 Ask = Callable[..., dict[str, Any]]
 COMPARED = ("losses", "params", "optimizer", "scheduler", "lr", "optimizer_steps")
@@ -101,7 +104,9 @@ def test_a_kill_during_a_background_write_keeps_the_previous_checkpoint_newest(
     if point == "mid-write":
         assert (folder / reply["temps"][0]).stat().st_size > 0
     assert sound_steps(folder) == [2, 4] and newest_step(folder) == 4
+    (folder / "tmp1a2b3c").write_text("a user's file")  # the rerun's sweep removes engine_kit's temp files only
     result = rerun_and_compare(ask, folder, reference)
+    assert (folder / "tmp1a2b3c").read_text() == "a user's file"
     assert Path(result["resumed_from"]).name.startswith("step00000004")
 
 
@@ -156,3 +161,44 @@ def test_sigkill_at_random_moments_of_an_async_run(ask: Ask, reference: dict, tm
 def test_sigkill_at_random_moments_of_an_async_run_many_times(ask: Ask, reference: dict, tmp_path: Path) -> None:
     for seed in range(4):  # each loop ends with a bitwise rerun; the run has 36 steps, so several loops
         kill_loop(ask, tmp_path / f"ckpt{seed}", reference, kills=12, seed=100 + seed)
+
+
+# -- RELIABILITY case 6 through the handler: the write path's syscall order, all of it on the writer thread ---
+def test_background_saves_keep_the_durable_syscall_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str, tuple[str, ...]]] = []  # (thread, call, base names: "<dir>" for a directory fd)
+
+    def recorded(name: str) -> Callable[..., Any]:
+        real = getattr(os, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name == "fsync":
+                target = os.readlink(f"/proc/self/fd/{args[0]}")
+                names = ("<dir>" if os.path.isdir(target) else os.path.basename(target),)
+            else:
+                names = tuple(os.path.basename(os.fspath(a)) for a in args[:2])
+            calls.append((threading.current_thread().name, name, names))
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("fsync", "link", "replace", "unlink"):
+        monkeypatch.setattr(os, name, recorded(name))
+    result = train(tmp_path / "ckpt", epochs=1, every_steps=4, keep_last=1, async_save=True)
+    monkeypatch.undo()
+    assert result["optimizer_steps"] == 12
+    start = max(i for i, (_, _, names) in enumerate(calls) if names[-1:] == (LOCK_NAME,))  # the lock was taken
+    saves = [names[1] for _, call, names in calls if call == "link" and names[1].endswith(".ekpt")]
+    assert [int(n[4:12]) for n in saves] == [4, 8, 12]
+    for thread, call, names in calls[start + 1:]:
+        if names[-1] != LOCK_NAME:  # the lock is released by the training thread at the end
+            assert thread.startswith(WRITER_THREAD), f"{call}{names} ran on {thread}, not on the writer"
+    for number, final in enumerate(saves):
+        where = {(call, names): i for i, (_, call, names) in enumerate(calls)}
+        linked = next(i for i, (_, call, names) in enumerate(calls) if call == "link" and names[1] == final)
+        temp = calls[linked][2][0]
+        index_replaced = next(i for i in range(linked, len(calls)) if calls[i][1] == "replace" and calls[i][2][1] == REGISTRY_NAME)
+        dir_synced = next(i for i in range(index_replaced, len(calls)) if calls[i][1:] == ("fsync", ("<dir>",)))
+        # fsync(temp) -> its final name -> the index -> fsync(directory) -> only then the rotated-out file goes.
+        assert where[("fsync", (temp,))] < linked < index_replaced < dir_synced, (final, calls)
+        if number:
+            assert where[("unlink", (saves[number - 1],))] > dir_synced, (final, calls)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -28,9 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from engine_kit.checkpoint import TEMP_PREFIX, CheckpointDirectory
+from engine_kit.checkpoint import LOCK_NAME, TEMP_PREFIX, CheckpointDirectory, streaming
 from engine_kit.checkpoint.commands import verify_command
-from engine_kit.errors import HandlerError
+from engine_kit.errors import CheckpointWriteError, HandlerError
+from handlers.checkpoint import CheckpointRotation
+from tests.checkpoint.conftest import listing
 from tests.resume.train_script import train
 from tests.resume.writer_faults import WRITER_THREAD, break_after_save, driver, pace_background_writes
 
@@ -152,6 +155,10 @@ def test_a_directory_made_read_only_mid_run_fails_the_background_save_and_a_reru
         check_failure(folder, failure["error"], failure["message"], failure["iteration"], failure["saved"])
         assert "Read-only file system" in failure["message"]
         assert_older_checkpoints_verify(folder, capsys)
+        # RELIABILITY case 8: a run started now on that filesystem fails at construction, not at its first save.
+        with pytest.raises(CheckpointWriteError, match="To fix:") as refused:
+            CheckpointRotation(small_tmpfs / "fresh", async_save=True)
+        assert str(small_tmpfs / "fresh") in str(refused.value)
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True, capture_output=True)
     rerun_and_compare(folder, reference, lock_left_by_a_dead_run=True)
@@ -200,3 +207,33 @@ def test_an_injected_write_failure_is_raised_at_the_next_iteration(
     assert_older_checkpoints_verify(folder, capsys)
     monkeypatch.undo()  # the disk is good again (this also drops the pacing hook: not needed for the rerun)
     rerun_and_compare(folder, reference)
+
+
+def test_an_exception_while_serializing_leaves_the_directory_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pacing: Callable, reference: dict, capsys: pytest.CaptureFixture
+) -> None:
+    """RELIABILITY case 3 with a background save: the writer fails inside torch.save's stream, after some bytes."""
+    folder, before = tmp_path / "ckpt", {}
+    armed = threading.Event()
+    real_write_sealed = streaming.write_sealed
+
+    def write_sealed(fileobj: object, *args: object, **kwargs: object) -> object:
+        if armed.is_set():
+            fileobj.write(b"PK\x03\x04 the first bytes of an archive")
+            raise pickle.PicklingError("cannot pickle 'generator' object")
+        return real_write_sealed(fileobj, *args, **kwargs)
+
+    def arm() -> None:
+        before.update(listing(folder))
+        armed.set()
+
+    monkeypatch.setattr(streaming, "write_sealed", write_sealed)
+    message = run_into_failure(folder, pacing, arm)
+    assert "cannot pickle 'generator' object" in message
+    after = listing(folder)
+    before.pop(LOCK_NAME, None), after.pop(LOCK_NAME, None)  # the lock's heartbeat may be rewritten meanwhile
+    assert after == before  # names and bytes: no new file, no changed index, nothing rotated out
+    assert_older_checkpoints_verify(folder, capsys)
+    monkeypatch.undo()
+    rerun_and_compare(folder, reference)
+
