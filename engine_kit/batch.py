@@ -61,3 +61,27 @@ def default_batch_size(x: Any, y: Any) -> int:
             )
         )
     return target.shape[0]
+
+
+def split_and_count(batch: Any, device: torch.device, non_blocking: bool) -> tuple[Any, Any, int]:
+    """``default_prepare_batch`` then ``default_batch_size``, in one call: ``(x, y, samples)``.
+
+    The trainer's per-micro-batch path when neither is replaced. An ``(x, y)``
+    pair of tensors takes the short way (one call instead of four); anything
+    else goes through the two functions themselves, with their checks and errors.
+
+    >>> x, y, n = split_and_count((torch.ones(4, 3), torch.zeros(4)), torch.device("cpu"), False)
+    >>> tuple(x.shape), n
+    ((4, 3), 4)
+    """
+    if (type(batch) is tuple or type(batch) is list) and len(batch) == 2:
+        x, y = batch
+        if type(x) is torch.Tensor and type(y) is torch.Tensor and y.ndim > 0:
+            if x.device != device:
+                x = x.to(device, non_blocking=non_blocking)
+            if y.device != device:
+                y = y.to(device, non_blocking=non_blocking)
+            return x, y, y.shape[0]
+    x, y = default_prepare_batch(batch, device, non_blocking)
+    return x, y, default_batch_size(x, y)
+

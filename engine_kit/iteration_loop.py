@@ -38,24 +38,20 @@ from ignite.engine import Engine, Events, State
 from ignite.engine.engine import _EngineTerminateException, _EngineTerminateSingleEpochException
 
 
-def _dispatcher(engine: Engine, own_fire_event: Callable) -> Callable[[Any], None]:
-    """``fire(event)``: dispatch ``event`` if a handler listens, else only record it as the last event."""
-    if type(engine)._fire_event is not own_fire_event:
-        return engine._fire_event  # a subclass watches every dispatch: skip nothing
-    handlers = engine._event_handlers
-
-    def fire(event: Any) -> None:
-        if handlers.get(event):
-            engine._fire_event(event)
-        else:
-            engine.last_event_name = event
-
-    return fire
+# The loop's events, bound once: the hot path reads module globals, not enum attributes.
+_GET_BATCH_STARTED = Events.GET_BATCH_STARTED
+_GET_BATCH_COMPLETED = Events.GET_BATCH_COMPLETED
+_ITERATION_STARTED = Events.ITERATION_STARTED
+_ITERATION_COMPLETED = Events.ITERATION_COMPLETED
+_DATALOADER_STOP_ITERATION = Events.DATALOADER_STOP_ITERATION
 
 
-def _stop_requested(engine: Engine) -> bool:
-    # The three flags _maybe_terminate_or_interrupt acts on; all down in the common case.
-    return bool(engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt)
+def _fire(engine: Engine, event: Any, dispatch_all: bool) -> None:
+    """Dispatch ``event`` if a handler listens (or ``dispatch_all``), else only record it as the last event."""
+    if dispatch_all or engine._event_handlers.get(event):
+        engine._fire_event(event)
+    else:
+        engine.last_event_name = event
 
 
 def _warn_data_exhausted(state: State) -> None:
@@ -75,7 +71,8 @@ def run_epoch(engine: Engine, own_fire_event: Callable) -> Generator[State, None
     for engines that use it.
     """
     start_time = time.time()
-    fire = _dispatcher(engine, own_fire_event)
+    # A subclass that overrides _fire_event watches every dispatch: skip nothing for it.
+    dispatch_all = type(engine)._fire_event is not own_fire_event
     # A resumed run (load_state_dict, interrupt) starts counting from its position in the epoch.
     iter_counter = 0 if engine._init_iter is None else engine._init_iter
     engine._init_iter = None
@@ -85,22 +82,36 @@ def run_epoch(engine: Engine, own_fire_event: Callable) -> Generator[State, None
             raise RuntimeError(
                 "Internal error, self._dataloader_iter is None. Please, file an issue if you encounter this error."
             )
+        # The per-iteration events are written out below rather than through _fire: on a host-bound
+        # model each Python call here is a measurable share of the step. Each one dispatches the
+        # event if a handler listens, else records it as the last event; each flag test stands for
+        # _maybe_terminate_or_interrupt, which does nothing while its three flags are down.
         while True:
             state = engine.state
+            handlers = engine._event_handlers
             state.batch = None
             has_loader = state.dataloader is not None  # run(data=None): no batch events at all
             try:
-                # After DATALOADER_STOP_ITERATION the re-created loader's first fetch is not announced again.
-                if has_loader and engine.last_event_name != Events.DATALOADER_STOP_ITERATION:
-                    fire(Events.GET_BATCH_STARTED)
-                    if _stop_requested(engine):
+                # After DATALOADER_STOP_ITERATION the re-created loader's first fetch is not announced
+                # again. (`!=` on events is a Python __eq__: skipped when the last event is, by
+                # identity, the previous iteration's last one.)
+                last = engine.last_event_name
+                if has_loader and (last is _ITERATION_COMPLETED or last != _DATALOADER_STOP_ITERATION):
+                    if dispatch_all or handlers.get(_GET_BATCH_STARTED):
+                        engine._fire_event(_GET_BATCH_STARTED)
+                    else:
+                        engine.last_event_name = _GET_BATCH_STARTED
+                    if engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt:
                         yield from engine._maybe_terminate_or_interrupt()
                 state.batch = next(engine._dataloader_iter)
                 # Reset on purpose: an iterable loader's last output must not leak into this iteration.
                 state.output = None
                 if has_loader:
-                    fire(Events.GET_BATCH_COMPLETED)
-                    if _stop_requested(engine):
+                    if dispatch_all or handlers.get(_GET_BATCH_COMPLETED):
+                        engine._fire_event(_GET_BATCH_COMPLETED)
+                    else:
+                        engine.last_event_name = _GET_BATCH_COMPLETED
+                    if engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt:
                         yield from engine._maybe_terminate_or_interrupt()
                 iter_counter += 1
                 retried_loader = False
@@ -116,20 +127,26 @@ def run_epoch(engine: Engine, own_fire_event: Callable) -> Generator[State, None
                         _warn_data_exhausted(state)
                     break
                 if has_loader:
-                    fire(Events.DATALOADER_STOP_ITERATION)
-                    if _stop_requested(engine):
+                    _fire(engine, _DATALOADER_STOP_ITERATION, dispatch_all)
+                    if engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt:
                         yield from engine._maybe_terminate_or_interrupt()
                 engine._setup_dataloader_iter()
                 retried_loader = True
                 continue
 
             state.iteration += 1
-            fire(Events.ITERATION_STARTED)
-            if _stop_requested(engine):
+            if dispatch_all or handlers.get(_ITERATION_STARTED):
+                engine._fire_event(_ITERATION_STARTED)
+            else:
+                engine.last_event_name = _ITERATION_STARTED
+            if engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt:
                 yield from engine._maybe_terminate_or_interrupt()
             state.output = engine._process_function(engine, state.batch)
-            fire(Events.ITERATION_COMPLETED)
-            if _stop_requested(engine):
+            if dispatch_all or handlers.get(_ITERATION_COMPLETED):
+                engine._fire_event(_ITERATION_COMPLETED)
+            else:
+                engine.last_event_name = _ITERATION_COMPLETED
+            if engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt:
                 yield from engine._maybe_terminate_or_interrupt()
 
             if state.epoch_length is not None and iter_counter == state.epoch_length:

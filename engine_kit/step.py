@@ -12,12 +12,15 @@ import torch
 from ignite.engine import Engine
 from torch.nn.parallel import DistributedDataParallel
 
-from engine_kit.batch import BatchSizeFn, PrepareBatch
+from engine_kit.batch import BatchSizeFn, PrepareBatch, default_batch_size, default_prepare_batch, split_and_count
 from engine_kit.engine import fire_if_handled
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.precision import Precision
-from engine_kit.state import StepOutput
+from engine_kit.state import NO_NORM, StepOutput
+
+_BACKWARD_COMPLETED = StepEvents.BACKWARD_COMPLETED
+_new_tuple = tuple.__new__
 
 
 def _loss_problem(loss: Any) -> Exception | None:
@@ -164,11 +167,15 @@ class TrainStep:
 
     def __call__(self, engine: Engine, batch: Any) -> StepOutput:
         state = engine.state
-        prepared = self.prepare_batch(batch, self.device, self.non_blocking)
-        if type(prepared) is not tuple or len(prepared) != 2:
-            _check_prepared(prepared)
-        x, y = prepared
-        num_samples = self.batch_size_fn(x, y)
+        # Compared on every call, not once: handlers may swap these functions on the step.
+        if self.prepare_batch is default_prepare_batch and self.batch_size_fn is default_batch_size:
+            x, y, num_samples = split_and_count(batch, self.device, self.non_blocking)
+        else:
+            prepared = self.prepare_batch(batch, self.device, self.non_blocking)
+            if type(prepared) is not tuple or len(prepared) != 2:
+                _check_prepared(prepared)
+            x, y = prepared
+            num_samples = self.batch_size_fn(x, y)
         if type(num_samples) is not int or num_samples <= 0:  # the common case costs one comparison
             _check_samples(num_samples)
         if state.window_position == 0:
@@ -183,10 +190,12 @@ class TrainStep:
                 loss = self._forward_backward(x, y, num_samples)
         state.window_position += 1
         self._window_samples = self._window_samples + num_samples
-        fire_if_handled(engine, StepEvents.BACKWARD_COMPLETED)
+        if engine._event_handlers.get(_BACKWARD_COMPLETED):  # fire_if_handled, without the call
+            engine._fire_event(_BACKWARD_COMPLETED)
         if closes_window:
             return self._close_window(engine, loss.detach(), num_samples)
-        return StepOutput(loss.detach(), None, False, num_samples)
+        # StepOutput(loss, None, False, num_samples), built without its Python __new__.
+        return _new_tuple(StepOutput, (loss.detach(), NO_NORM, False, num_samples))
 
     def _forward_backward(self, x: Any, y: Any, num_samples: int | torch.Tensor) -> torch.Tensor:
         """Forward, loss and the weighted backward of one micro-batch; returns the (unweighted) loss."""
@@ -288,20 +297,22 @@ class TrainStep:
         state = engine.state
         state.windows += 1
         self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self._params if p.grad is not None]
+        scaling = self.scaler.is_enabled()
         factor = self._correction()
-        if factor is not None and grads:
-            torch._foreach_mul_(grads, factor)
+        if factor is not None:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, factor)
         fire_if_handled(engine, StepEvents.GRADIENTS_READY)
         grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-        elif self.track_grad_norm or self.scaler.is_enabled():
-            grad_norm = torch.nn.utils.get_total_norm(grads)
+        elif self.track_grad_norm or scaling:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         stepped = True
-        if self.scaler.is_enabled():
+        if scaling:
             # GradScaler.step already synchronized to read its inf check, so this
             # read is free; non-finite gradients are exactly what made it skip.
             stepped = bool(torch.isfinite(grad_norm))

@@ -109,10 +109,13 @@ class NanGuard(Handler):
         values, iterations, iteration = self._values, self._iterations, state.iteration
         values.append(loss.detach() if loss.requires_grad else loss)
         iterations.append(iteration)
-        norm = getattr(output, "grad_norm", None)
-        if norm is not None and isinstance(norm, torch.Tensor) and getattr(output, "stepped", True):
-            values.append(norm)
-            iterations.append(iteration)
+        # Only a micro-batch that closed a stepped window has a norm to keep: the cheap
+        # field first, so the other micro-batches never reach the grad_norm property.
+        if getattr(output, "stepped", True):
+            norm = getattr(output, "grad_norm", None)
+            if isinstance(norm, torch.Tensor):
+                values.append(norm)
+                iterations.append(iteration)
 
     def check(self, engine: Engine) -> bool:
         """Read the pending flags (one host sync); stop ``engine`` on the first non-finite value.
