@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -298,3 +299,58 @@ def test_a_failure_deferred_for_the_ranks_is_raised_at_the_next_settle(tmp_path:
     with pytest.raises(CheckpointWriteError, match=r"a\.ekpt.*Input/output error.*To fix:"):
         saves.settle()
     assert not saves.pending
+
+
+# -- two processes: rank 0 writes in the background, a failure reaches every rank ------------------------------
+
+
+def _two_rank_worker(local_rank: int, folder: str) -> None:
+    import ignite.distributed as idist
+
+    from engine_kit.data_order import ResumableLoader
+    from engine_kit.errors import RankAgreementError
+
+    rank = idist.get_rank()
+    real_write = streaming_module.write_sealed
+    calls: list[int] = []
+
+    def first_write_fails(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real_write(*args)
+
+    streaming_module.write_sealed = first_write_fails  # this process only
+    torch.manual_seed(0)
+    model = mlp(in_features=2, out=1)
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
+    rotation = CheckpointRotation(os.path.join(folder, "ckpts"), every_steps=2, at_epoch_end=False, keep_last=2)
+    rotation.attach(trainer)
+    gen = torch.Generator().manual_seed(5)
+    samples = [(torch.randn(2, generator=gen), torch.randn(1, generator=gen)) for _ in range(32)]  # the same on every rank
+    data = ResumableLoader(samples, batch_size=2, shuffle=False, seed=0)  # 8 batches per rank
+    outcome: dict = {"rank": rank}
+    try:
+        trainer.run(data, max_epochs=1)
+    except HandlerError as exc:
+        cause = exc.__cause__
+        outcome.update(error=type(cause).__name__, message=str(cause), iteration=trainer.state.iteration,
+                       async_on=rotation._background is not None)
+    except RankAgreementError as exc:
+        outcome.update(error=type(exc).__name__, message=str(exc), iteration=trainer.state.iteration)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+
+
+@pytest.mark.timeout(240)
+def test_two_ranks_a_background_failure_reaches_every_rank_at_the_next_save(tmp_path: Path) -> None:
+    from tests.distributed.spawn import spawn_two
+
+    spawn_two(_two_rank_worker, str(tmp_path))
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for outcome in outcomes:
+        # Rank 0's step-2 write failed; both ranks stop together at the step-4 save's agreement, none hangs.
+        assert outcome.get("error") == "RankAgreementError", outcome
+        assert "No space left on device" in outcome["message"] and "step00000002" in outcome["message"]
+        assert outcome["iteration"] == 4
+    assert outcomes[0]["async_on"] is True
