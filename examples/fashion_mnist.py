@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def crash(engine) -> None:
             # After the checkpoint handler of this iteration: a real crash, mid-training.
             if engine.state.window_position == 0 and engine.state.optimizer_steps == args.crash_at_step:
+                # A real crash may also lose the checkpoint still being written in the background (the rerun then
+                # resumes from the one before); waiting for it keeps the lab's resume point independent of disk speed.
+                rotation.flush()
                 crash_marker.write_text(str(args.crash_at_step))
                 print(f"simulated crash after optimizer step {args.crash_at_step}", flush=True)
                 os._exit(1)

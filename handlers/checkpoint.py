@@ -183,6 +183,14 @@ class CheckpointRotation(Handler):
         """How many saves had to wait for the previous background write (back-pressure)."""
         return self._background.waits if self._background is not None else 0
 
+    def flush(self) -> None:
+        """Wait for the background write in flight, if any, and collect its outcome now.
+
+        On success ``CHECKPOINT_SAVED`` fires (the file is durable); a failed
+        write raises ``CheckpointWriteError``. Synchronous saves: nothing to do.
+        """
+        self._settle()
+
     def close(self) -> None:
         """Wait for a background save in flight, then release the directory lock (a later save reopens it)."""
         try:
