@@ -354,3 +354,27 @@ def test_two_ranks_a_background_failure_reaches_every_rank_at_the_next_save(tmp_
         assert "No space left on device" in outcome["message"] and "step00000002" in outcome["message"]
         assert outcome["iteration"] == 4
     assert outcomes[0]["async_on"] is True
+
+
+_ESCAPING_DRIVER = r"""
+import sys, time
+from handlers.background_save import BackgroundSaves
+
+def slow_failing_write(serialized):
+    time.sleep(0.5)
+    raise OSError(5, "Input/output error")
+
+saves = BackgroundSaves()
+saves.submit(slow_failing_write, lambda: print("announced"), path=sys.argv[1])
+raise KeyboardInterrupt  # escapes everything while the write is in flight
+"""
+
+
+def test_a_write_in_flight_when_the_process_exits_is_awaited_and_its_failure_printed(tmp_path: Path) -> None:
+    path = str(tmp_path / "step00000004-00002.ekpt")
+    result = subprocess.run([sys.executable, "-c", _ESCAPING_DRIVER, path], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "KeyboardInterrupt" in result.stderr
+    # Never lost: the exit waited for the writer and printed its outcome, naming the file and the cause.
+    assert f"waiting up to 120 s for the checkpoint write of {path!r}" in result.stderr
+    assert "The background write of the checkpoint" in result.stderr and "Input/output error" in result.stderr
