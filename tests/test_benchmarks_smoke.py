@@ -59,12 +59,13 @@ def test_smoke_run_writes_every_record_with_its_schema(tmp_path: Path) -> None:
 CKPT_ROW_FIELDS = {
     "row": str, "returns_s": numbers.Real, "returns_min_s": numbers.Real, "returns_max_s": numbers.Real,
     "durable_s": (numbers.Real, type(None)), "stall_per_save_s": numbers.Real, "stall_samples_s": list,
+    "in_run_stall_per_save_s": (numbers.Real, type(None)), "save_step_excess_s": (numbers.Real, type(None)),
     "median_step_clear_s": numbers.Real, "median_step_in_flight_s": (numbers.Real, type(None)),
     "steps_in_flight_per_loop": numbers.Real, "in_flight_slowdown": (numbers.Real, type(None)),
-    "loops_with_write_in_flight_at_end": int, "extra_peak_bytes": (int, type(None)),
+    "loops_with_write_in_flight_at_end": int, "back_pressure_waits": int, "extra_peak_bytes": (int, type(None)),
 }
 CKPT_LOOP_FIELDS = {"run_s": numbers.Real, "steps_s": list, "save_steps": list, "in_flight_after_step": list,
-                    "in_flight_at_end": bool, "steps_in_flight": int}
+                    "in_flight_at_end": bool, "steps_in_flight": int, "saver": dict}
 
 
 def test_checkpoint_save_smoke_prints_every_row(tmp_path: Path) -> None:

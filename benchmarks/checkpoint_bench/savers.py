@@ -69,6 +69,10 @@ class Saver:
         """Drain and release threads, locks and buffers."""
         self.drain()
 
+    def extras(self) -> dict[str, Any]:
+        """Row-specific counters worth keeping in the JSON (back-pressure waits, fence time...)."""
+        return {}
+
     def attach(self, trainer: Engine, every: int) -> None:
         """Save every ``every`` iterations of ``trainer`` (one optimizer step each); drain at its end."""
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), lambda _: self.save())
@@ -248,7 +252,19 @@ class EngineKit(Saver):
 
     def in_flight(self) -> bool:
         background = self._background()
-        return bool(background is not None and background.pending)
+        if background is None:
+            return False
+        # `writing`: the writer thread is still busy; `pending` (older commits) stays True until collected.
+        return bool(getattr(background, "writing", background.pending))
+
+    def extras(self) -> dict[str, Any]:
+        """Back-pressure waits, seconds the fence held optimizer steps, host bytes of the reused snapshot buffers."""
+        background, fence = self._background(), getattr(self.rotation, "_fence", None)
+        snapshots = getattr(self.rotation, "_snapshots", None)
+        return {"back_pressure_waits": getattr(self.rotation, "waits", None),
+                "back_pressure_wait_s": getattr(background, "waited_s", None),
+                "fence_held_steps_s": getattr(fence, "waited_s", None),
+                "snapshot_buffer_bytes": getattr(snapshots, "nbytes", None)}
 
     def drain(self) -> None:
         background = self._background()

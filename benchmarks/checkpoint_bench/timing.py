@@ -10,7 +10,9 @@ save is (loop with saves − the same repeat's baseline) / saves, median over
 repeats. Each step is timed (synchronized on CUDA) and classed by whether a
 write was in flight when it started (the saver said so at the end of the
 previous step); the step that saved and the first step are left out of both
-classes.
+classes. From the same step times comes a second estimate of the stall,
+inside one run (:func:`in_run_stall`), which load drifting between the runs
+of a repeat cannot bias.
 """
 
 from __future__ import annotations
@@ -114,12 +116,13 @@ def run_loop(name: str | None, model: torch.nn.Module, optimizer: torch.optim.Op
             trainer.run(data, max_epochs=1)  # the saver's drain at COMPLETED is inside the timed run
             sync(device)
             elapsed = time.perf_counter() - start
+            extras = {} if saver is None else saver.extras()
         finally:
             if saver is not None:
                 saver.close()
     save_steps = [] if name is None else list(range(every, len(data) + 1, every))
     return {"run_s": elapsed, "steps_s": steps, "save_steps": save_steps, "in_flight_after_step": in_flight_after,
-            "in_flight_at_end": bool(in_flight_after and in_flight_after[-1])}
+            "in_flight_at_end": bool(in_flight_after and in_flight_after[-1]), "saver": extras}
 
 
 def step_classes(loop: dict[str, Any]) -> dict[str, list[float]]:
@@ -135,6 +138,26 @@ def step_classes(loop: dict[str, Any]) -> dict[str, list[float]]:
             continue
         classes["in_flight" if loop["in_flight_after_step"][step - 2] else "clear"].append(seconds)
     return classes
+
+
+def in_run_stall(loop: dict[str, Any], classes: dict[str, list[float]]) -> dict[str, float | None]:
+    """The stall per save estimated inside one run, immune to load that drifts between runs.
+
+    Each step's excess over the run's median step without a write in flight,
+    summed over the steps that saved and those that ran while a write was in
+    flight, per save; ``save_step_excess_s`` is the steps that saved alone
+    (the blocking part).
+
+    >>> in_run_stall({"steps_s": [9, 3, 2, 1, 1], "save_steps": [2]}, {"in_flight": [2], "clear": [1, 1]})
+    {'in_run_stall_per_save_s': 3.0, 'save_step_excess_s': 2.0}
+    """
+    saves = loop["save_steps"]
+    if not saves or not classes["clear"]:
+        return {"in_run_stall_per_save_s": None, "save_step_excess_s": None}
+    clear = statistics.median(classes["clear"])
+    blocking = sum(loop["steps_s"][step - 1] - clear for step in saves)
+    in_flight = sum(seconds - clear for seconds in classes["in_flight"])
+    return {"in_run_stall_per_save_s": (blocking + in_flight) / len(saves), "save_step_excess_s": blocking / len(saves)}
 
 
 def time_loops(names: list[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: list, root: Path,
@@ -154,5 +177,6 @@ def time_loops(names: list[str], model: torch.nn.Module, optimizer: torch.optim.
             loop["median_step_clear_s"] = statistics.median(classes["clear"]) if classes["clear"] else None
             loop["median_step_in_flight_s"] = statistics.median(classes["in_flight"]) if classes["in_flight"] else None
             loop["steps_in_flight"] = len(classes["in_flight"])
+            loop.update(in_run_stall(loop, classes))
             runs[name].append(loop)
     return runs
