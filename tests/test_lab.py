@@ -102,6 +102,16 @@ def test_report_command_regenerates_the_artifacts(lab_runs):
     assert "resumed from" in (crashed / "summary.md").read_text()
 
 
+def test_the_lab_runs_end_with_their_final_checkpoint_verified(lab_runs, capsys):
+    from engine_kit.checkpoint import CheckpointDirectory
+    from engine_kit.cli import main as engine_kit_cli
+
+    for run_dir in lab_runs[:2]:  # with CheckpointRotation's default save mode (background writes since issue 13)
+        assert engine_kit_cli(["ckpt", "verify", str(run_dir / "checkpoints")]) == 0, capsys.readouterr().out
+        assert CheckpointDirectory(run_dir / "checkpoints", read_only=True).newest_valid().step == 16
+
+
+@pytest.mark.slow  # one more lab run; the two above ran with the default save mode
 def test_with_async_saves_the_lab_ends_with_its_final_checkpoint_verified(lab_runs, tmp_path, capsys):
     from engine_kit.checkpoint import CheckpointDirectory
     from engine_kit.cli import main as engine_kit_cli

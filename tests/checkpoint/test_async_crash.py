@@ -10,9 +10,9 @@ is the one the kill point allows, and a rerun with ``resume="auto"`` sweeps
 the temp files and ends bitwise equal to an uninterrupted run.
 
 Runs are children forked by one driver process (``tests.resume.writer_faults``).
-The training run is ``tests/resume/train_script.py``'s: 36 optimizer steps,
-a save every 2 (every 1 in the kill loops); none of that changes the training,
-so one uninterrupted run is the reference for all.
+The training run is ``tests/resume/train_script.py``'s, two epochs of 12
+optimizer steps, a save every 2 (every 1 in the kill loops); none of that
+changes the training, so one uninterrupted run is the reference for all.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import random
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +31,21 @@ import pytest
 
 from engine_kit.checkpoint import LOCK_NAME, REGISTRY_NAME, TEMP_PREFIX, CheckpointDirectory, verify_checkpoint_file
 from tests.resume.train_script import train
-from tests.resume.writer_faults import WRITER_THREAD, driver
+from tests.resume.writer_faults import WRITER_THREAD, shared_driver, shared_reference
 
 Ask = Callable[..., dict[str, Any]]
 COMPARED = ("losses", "params", "optimizer", "scheduler", "lr", "optimizer_steps")
+EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def ask(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ask]:
-    with driver(tmp_path_factory.mktemp("driver"), seed=13) as ask:
-        yield ask
+def ask() -> Ask:
+    return shared_driver()
 
 
 @pytest.fixture(scope="module")
-def reference(ask: Ask, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    folder = tmp_path_factory.mktemp("reference")
-    reply = ask(dir=str(folder / "ckpt"), out=str(folder / "out.json"), config={"async_save": False})
-    assert reply["status"] == 0
-    return json.loads((folder / "out.json").read_text())
+def reference() -> dict:
+    return shared_reference(EPOCHS)
 
 
 def sound_steps(folder: Path) -> list[int]:
@@ -78,7 +75,7 @@ def temps(folder: Path) -> list[str]:
 def rerun_and_compare(ask: Ask, folder: Path, reference: dict, **config: Any) -> dict:
     """Resume to the end with async saves; the temp files are gone and the result is the reference's."""
     out = folder.parent / f"{folder.name}.json"
-    reply = ask(dir=str(folder), out=str(out), resume=True, config={"async_save": True, **config})
+    reply = ask(dir=str(folder), out=str(out), resume=True, config={"async_save": True, "epochs": EPOCHS, **config})
     assert reply["status"] == 0, reply
     result = json.loads(out.read_text())
     assert temps(folder) == [], "the rerun left a temp file"
@@ -89,7 +86,7 @@ def rerun_and_compare(ask: Ask, folder: Path, reference: dict, **config: Any) ->
 
 
 # -- a kill while the background write is in flight ----------------------------------------------------
-@pytest.mark.parametrize("point", ["mid-write", "temp-fsync"])
+@pytest.mark.parametrize("point", ["mid-write", pytest.param("temp-fsync", marks=pytest.mark.slow)])
 def test_a_kill_during_a_background_write_keeps_the_previous_checkpoint_newest(
     ask: Ask, reference: dict, tmp_path: Path, point: str
 ) -> None:
@@ -97,7 +94,7 @@ def test_a_kill_during_a_background_write_keeps_the_previous_checkpoint_newest(
     # The writer stalls inside the third save (step 6): with bytes in the temp file, or with all of them
     # before its fsync; the training thread goes on meanwhile. The driver SIGKILLs the process then.
     stall = {"at": point, "action": "stall", "nth": 3}
-    reply = ask(dir=str(folder), config={"async_save": True}, fault=stall, kill_on_beacon=True)
+    reply = ask(dir=str(folder), config={"async_save": True, "epochs": EPOCHS}, fault=stall, kill_on_beacon=True)
     assert reply["stalled"] and reply["status"] == -signal.SIGKILL, reply
     assert len(reply["temps"]) == 1, f"no temp file while the write was in flight: {reply}"
     assert temps(folder) == reply["temps"]  # a kill leaves it: only the rerun may sweep it
@@ -114,14 +111,16 @@ def test_a_kill_during_a_background_write_keeps_the_previous_checkpoint_newest(
 # keep-last = 1; the third save (step 6) is cut. Newest valid after the exit: all-old (4) until the
 # file has its final name, all-new (6) from then on (a whole file not yet indexed is adopted).
 EXIT_POINTS = {"temp-fsync": 4, "link": 4, "after-link": 6, "index-replace": 6, "unlink": 6}
+IN_THE_DEFAULT_SUITE = ("link", "unlink")  # all-old; keep-last 1 cut between commit and deletion (the rest: slow)
 
 
-@pytest.mark.parametrize("point", list(EXIT_POINTS))
+@pytest.mark.parametrize("point", [p if p in IN_THE_DEFAULT_SUITE else pytest.param(p, marks=pytest.mark.slow) for p in EXIT_POINTS])
 def test_an_exit_at_each_point_of_a_background_commit_leaves_all_old_or_all_new(
     ask: Ask, reference: dict, tmp_path: Path, point: str
 ) -> None:
     folder = tmp_path / "ckpt"
-    reply = ask(dir=str(folder), config={"async_save": True, "keep_last": 1}, fault={"at": point, "action": "exit", "nth": 3})
+    config = {"async_save": True, "keep_last": 1, "epochs": EPOCHS}
+    reply = ask(dir=str(folder), config=config, fault={"at": point, "action": "exit", "nth": 3})
     assert reply["status"] == 17, reply
     steps = sound_steps(folder)
     assert steps and newest_step(folder) == EXIT_POINTS[point]  # never zero valid checkpoints with keep-last = 1
@@ -130,12 +129,12 @@ def test_an_exit_at_each_point_of_a_background_commit_leaves_all_old_or_all_new(
 
 
 # -- RELIABILITY case 1 through the handler: SIGKILL at random moments of an async training run ------------
-def kill_loop(ask: Ask, folder: Path, reference: dict, kills: int, seed: int) -> None:
+def kill_loop(ask: Ask, folder: Path, reference: dict, kills: int, seed: int, epochs: int = EPOCHS) -> None:
     """SIGKILL an async run (a save every step, keep-last 1 or 2) at random moments, resuming each time."""
     rng = random.Random(seed)
     newest, completed = 0, False
     for kill in range(kills):
-        config = {"async_save": True, "every_steps": 1, "keep_last": rng.choice([1, 2])}
+        config = {"async_save": True, "every_steps": 1, "keep_last": rng.choice([1, 2]), "epochs": epochs}
         # After 0-3 iterations plus a random fraction of 2 iterations' time: start-up, resume, training, any write.
         reply = ask(dir=str(folder), config=config, resume=kill > 0, random_kill=[rng.randint(0, 3), 2.0])
         if reply["status"] == 0:  # the run ended before the kill
@@ -148,19 +147,20 @@ def kill_loop(ask: Ask, folder: Path, reference: dict, kills: int, seed: int) ->
             assert step is not None and step >= newest, f"kill {kill}: committed progress went back ({steps}, was {newest})"
         newest = step or 0
     assert newest > 0 or completed, "no save ever became durable between the kills"
-    rerun_and_compare(ask, folder, reference, every_steps=1)
+    rerun_and_compare(ask, folder, reference, every_steps=1, epochs=epochs)
 
 
 @pytest.mark.timeout(120)
 def test_sigkill_at_random_moments_of_an_async_run(ask: Ask, reference: dict, tmp_path: Path) -> None:
-    kill_loop(ask, tmp_path / "ckpt", reference, kills=5, seed=5)
+    kill_loop(ask, tmp_path / "ckpt", reference, kills=4, seed=5)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_sigkill_at_random_moments_of_an_async_run_many_times(ask: Ask, reference: dict, tmp_path: Path) -> None:
-    for seed in range(4):  # each loop ends with a bitwise rerun; the run has 36 steps, so several loops
-        kill_loop(ask, tmp_path / f"ckpt{seed}", reference, kills=12, seed=100 + seed)
+def test_sigkill_at_random_moments_of_an_async_run_many_times(ask: Ask, tmp_path: Path) -> None:
+    longer = shared_reference(6)  # 72 steps: room for 30 kills
+    for seed in range(2):  # each loop ends with a bitwise rerun
+        kill_loop(ask, tmp_path / f"ckpt{seed}", longer, kills=30, seed=100 + seed, epochs=6)
 
 
 # -- RELIABILITY case 6 through the handler: the write path's syscall order, all of it on the writer thread ---

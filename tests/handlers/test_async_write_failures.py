@@ -35,14 +35,15 @@ from engine_kit.errors import CheckpointWriteError, HandlerError
 from handlers.checkpoint import CheckpointRotation
 from tests.checkpoint.conftest import listing
 from tests.resume.train_script import train
-from tests.resume.writer_faults import WRITER_THREAD, break_after_save, driver, pace_background_writes
+from tests.resume.writer_faults import WRITER_THREAD, break_after_save, pace_background_writes, shared_driver
 
 COMPARED = ("losses", "params", "optimizer", "scheduler", "lr", "optimizer_steps")
+EPOCHS = 2  # 24 optimizer steps: the failure at step 6, the rerun past an epoch end
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return train(tmp_path_factory.mktemp("reference"), async_save=False)
+    return train(tmp_path_factory.mktemp("reference"), epochs=EPOCHS, async_save=False)
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def run_into_failure(folder: Path, pacing: Callable, break_disk: Callable[[], No
     saved: list[int] = []
     trainers: list = []
     with pytest.raises(HandlerError) as caught:
-        train(folder, async_save=True, hooks=[pacing, break_after_save(4, break_disk, saved), trainers.append])
+        train(folder, epochs=EPOCHS, async_save=True, hooks=[pacing, break_after_save(4, break_disk, saved), trainers.append])
     error = caught.value.__cause__
     check_failure(folder, type(error).__name__, str(error), trainers[0].state.iteration, saved)
     assert isinstance(error.__cause__, Exception)  # the writer's own error is chained
@@ -84,9 +85,9 @@ def assert_older_checkpoints_verify(folder: Path, capsys: pytest.CaptureFixture)
 def rerun_and_compare(folder: Path, reference: dict, *, lock_left_by_a_dead_run: bool = False) -> None:
     if lock_left_by_a_dead_run:
         with pytest.warns(UserWarning, match="taking over the stale lock"):
-            result = train(folder, async_save=True, resume="auto")
+            result = train(folder, epochs=EPOCHS, async_save=True, resume="auto")
     else:
-        result = train(folder, async_save=True, resume="auto")
+        result = train(folder, epochs=EPOCHS, async_save=True, resume="auto")
     assert Path(result["resumed_from"]).name.startswith("step00000004")
     for key in COMPARED:
         assert result[key] == reference[key], f"{key} differs from the uninterrupted run"
@@ -147,9 +148,8 @@ def test_a_directory_made_read_only_mid_run_fails_the_background_save_and_a_reru
     folder, out = small_tmpfs / "ckpt", tmp_path / "failed.json"
     remount = ["mount", "-o", "remount,ro", str(small_tmpfs)]
     try:
-        with driver(tmp_path) as ask:
-            reply = ask(dir=str(folder), out=str(out), config={"async_save": True}, pace_writes=True,
-                        break_after_save={"step": 4, "command": remount})
+        reply = shared_driver()(dir=str(folder), out=str(out), config={"async_save": True, "epochs": EPOCHS}, pace_writes=True,
+                                break_after_save={"step": 4, "command": remount})
         assert reply["status"] == 1, reply
         failure = json.loads(out.read_text())
         check_failure(folder, failure["error"], failure["message"], failure["iteration"], failure["saved"])

@@ -1,7 +1,7 @@
 """Async saves write the same checkpoints as synchronous ones, and every one of them verifies.
 
-Two runs of ``tests/resume/train_script.py`` (36 optimizer steps, a save every
-2, keep-last 2: 18 saves, 16 of them later rotated out), one with
+Two runs of ``tests/resume/train_script.py`` (two epochs, 24 optimizer steps,
+a save every 2, keep-last 2: 12 saves, 10 of them later rotated out), one with
 ``CheckpointRotation(async_save=True)``, one with ``async_save=False``. A
 ``CHECKPOINT_SAVED`` handler copies each file aside the moment it is
 announced durable, so every save is compared, not just the two kept. Per
@@ -50,7 +50,7 @@ def run_keeping_every_save(folder: Path, *, async_save: bool) -> tuple[Path, lis
         copies.append(Path(shutil.copy2(source, aside / source.name)))
 
     hooks = [lambda trainer: trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, copy)]
-    train(folder / "ckpt", every_steps=2, keep_last=2, async_save=async_save, hooks=hooks)
+    train(folder / "ckpt", epochs=2, every_steps=2, keep_last=2, async_save=async_save, hooks=hooks)
     return folder / "ckpt", copies
 
 
@@ -79,7 +79,7 @@ def test_every_async_checkpoint_verifies(runs):
         cli = [sys.executable, "-m", "engine_kit.cli", "ckpt", "verify", str(folder)]
     verified = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert len(copies) == 18 and len(list(folder.glob("*.ekpt"))) == 2  # 16 rotated out along the way
+    assert len(copies) == 12 and len(list(folder.glob("*.ekpt"))) == 2  # 10 rotated out along the way
     # The rotated-out ones, as copied when they were announced: each verifies alone, away from its index.
     for copy in copies:
         assert engine_kit_cli(["ckpt", "verify", str(copy)]) == 0, copy
@@ -88,7 +88,7 @@ def test_every_async_checkpoint_verifies(runs):
 def test_async_checkpoints_hold_the_same_bytes_as_synchronous_ones(runs):
     sync_copies, async_copies = runs["sync"][1], runs["async"][1]
     assert [p.name.split("-")[0] for p in async_copies] == [p.name.split("-")[0] for p in sync_copies]
-    assert len(async_copies) == 18
+    assert len(async_copies) == 12
     for sync_path, async_path in zip(sync_copies, async_copies):
         sync_members, sync_record = split(sync_path)
         async_members, async_record = split(async_path)

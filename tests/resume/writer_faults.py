@@ -343,6 +343,47 @@ def driver(folder: Path, seed: int = 0) -> Iterator[Callable[..., dict[str, Any]
                 process.wait()
 
 
+_SHARED: dict[str, Any] = {}
+
+
+def shared_driver() -> Callable[..., dict[str, Any]]:
+    """One :func:`driver` for the whole test session: started on first use, stopped when this interpreter exits.
+
+    Its log folder is a temp directory of its own, removed then too.
+    """
+    if "ask" not in _SHARED:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="engine_kit-writer-faults-"))
+        running = driver(folder)
+        _SHARED["ask"] = running.__enter__()
+
+        def stop() -> None:
+            running.__exit__(None, None, None)
+            shutil.rmtree(folder, ignore_errors=True)
+
+        atexit.register(stop)
+    return _SHARED["ask"]
+
+
+def shared_reference(epochs: int) -> dict[str, Any]:
+    """The result of an uninterrupted run with synchronous saves (``train`` defaults otherwise), run once per session."""
+    key = f"reference-{epochs}"
+    if key not in _SHARED:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="engine_kit-reference-") as folder:
+            out = os.path.join(folder, "out.json")
+            reply = shared_driver()(dir=os.path.join(folder, "ckpt"), out=out, config={"async_save": False, "epochs": epochs})
+            if reply["status"] != 0:
+                raise RuntimeError(f"the reference run failed: {reply}")
+            with open(out) as f:
+                _SHARED[key] = json.load(f)
+    return _SHARED[key]
+
+
 def lab_main(argv: list[str]) -> None:
     """Run the FashionMNIST lab with async saves forced on and, optionally, a writer fault.
 
