@@ -51,7 +51,7 @@ _log = logging.getLogger("engine_kit.checkpoint")
 
 
 def _lower_priority() -> None:
-    """Let training threads go first: the writer's hashing and copying only fill idle CPU time.
+    """Give training threads the larger CPU share while a write is in flight (hashing is CPU work).
 
     On Linux a thread has its own nice value; elsewhere this does nothing.
     """
