@@ -55,7 +55,7 @@ from checkpoint_bench.workload import make_data, make_model, state_bytes
 # Loop sizes per device: a write (~1 s for 302 MB) must finish within the steps between two saves.
 DEFAULTS = {
     "cpu": {"batch": 8, "steps": 56, "every": 20},  # a step takes ~0.12 s on 2 cores
-    "cuda": {"batch": 1024, "steps": 450, "every": 200},  # a step takes milliseconds
+    "cuda": {"batch": 1024, "steps": 850, "every": 300},  # a step takes milliseconds: 250 steps after the last save
 }
 SMOKE = {"width": 64, "repeats": 1, "loop_repeats": 1, "steps": 7, "every": 3, "threads": 1}
 # A memory subprocess imports torch (seconds); the smoke run measures these rows only, side by side.
@@ -71,8 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the isolated saves")
     parser.add_argument("--loop-repeats", "--stall-repeats", dest="loop_repeats", type=int, default=3,
                         help="interleaved repeats of the training loops")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training loop (CPU 56, CUDA 450)")
-    parser.add_argument("--every", type=int, default=None, help="optimizer steps between saves in the loops (CPU 20, CUDA 200)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training loop (CPU 56, CUDA 850)")
+    parser.add_argument("--every", type=int, default=None, help="optimizer steps between saves in the loops (CPU 20, CUDA 300)")
     parser.add_argument("--only", default=None, help="comma-separated row names to run (default: every row)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")

@@ -137,7 +137,8 @@ def tables(rows: list[dict[str, Any]], checks: list[dict[str, Any]], skipped: di
         for c in checks:
             value = pct(c["value"]) if "slowdown" in c["ratio"] else fmt(c["value"], 2)
             target = f"< {c['max'] * 100:.0f}%" if "slowdown" in c["ratio"] else f"≤ {c['max']}"
-            lines.append(f"| {c['ratio']} | {c['row']} | {value} | {target} | {'yes' if c['met'] else 'NO'} |")
+            met = "NO" if not c["met"] else "yes (a negative stall: below the noise)" if c["value"] < 0 else "yes"
+            lines.append(f"| {c['ratio']} | {c['row']} | {value} | {target} | {met} |")
     return "\n".join(lines)
 
 
