@@ -17,7 +17,8 @@ def build_engine_kit(case: Case, workdir: Path, full: bool) -> Callable[[], dict
 
     ``full`` adds ``attach_standard`` (validation each epoch, TensorBoard,
     gradient norms, the JSONL step log, NaN guard, durable checkpoints every
-    ``checkpoint_every`` optimizer steps keeping the last 2, everything read
+    ``checkpoint_every`` optimizer steps keeping the last 2, written on a
+    background thread as ``attach_standard`` does by default, everything read
     every ``log_every`` steps) and OneCycleLR through ``attach_scheduler``.
     """
     model, optimizer = case.fresh_model()
