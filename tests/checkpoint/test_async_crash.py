@@ -132,7 +132,7 @@ def test_an_exit_at_each_point_of_a_background_commit_leaves_all_old_or_all_new(
 def kill_loop(ask: Ask, folder: Path, reference: dict, kills: int, seed: int, epochs: int = EPOCHS) -> None:
     """SIGKILL an async run (a save every step, keep-last 1 or 2) at random moments, resuming each time."""
     rng = random.Random(seed)
-    newest, completed = 0, False
+    newest, completed, killed = 0, False, 0
     for kill in range(kills):
         config = {"async_save": True, "every_steps": 1, "keep_last": rng.choice([1, 2]), "epochs": epochs}
         # After 0-3 iterations plus a random fraction of 2 iterations' time: start-up, resume, training, any write.
@@ -141,12 +141,15 @@ def kill_loop(ask: Ask, folder: Path, reference: dict, kills: int, seed: int, ep
             completed = True
             break
         assert reply["status"] == -signal.SIGKILL, (kill, reply)
+        killed += 1
         steps = sound_steps(folder)
         step = newest_step(folder)
         if newest:
             assert step is not None and step >= newest, f"kill {kill}: committed progress went back ({steps}, was {newest})"
         newest = step or 0
-    assert newest > 0 or completed, "no save ever became durable between the kills"
+    assert killed >= min(kills, 4), f"only {killed} kills: the run completed first"
+    if kills >= 10:  # a few kills may all land before the first write is durable; many may not
+        assert newest > 0 or completed, "no save ever became durable between the kills"
     rerun_and_compare(ask, folder, reference, every_steps=1, epochs=epochs)
 
 

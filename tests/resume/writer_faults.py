@@ -44,9 +44,8 @@ from typing import Any
 from ignite.engine import Events
 
 from engine_kit import StepEvents
-from engine_kit.checkpoint import CheckpointDirectory, TEMP_PREFIX
+from engine_kit.checkpoint import TEMP_PREFIX, CheckpointDirectory, streaming
 from engine_kit.errors import HandlerError
-from engine_kit.checkpoint import streaming
 from handlers.preemption import PREEMPTED_EXIT_STATUS
 from tests.resume.train_script import CRASH_STATUS, train
 
@@ -133,7 +132,8 @@ def install_fault(at: str, action: str, nth: int, beacon: int | None = None, sec
             if at == "link":
                 fire()
             real_link(src, dst, *args, **kwargs)
-            fire()
+            if at == "after-link":
+                fire()
 
         os.link = link
     elif at == "index-replace":
@@ -208,7 +208,7 @@ def _child(request: dict[str, Any], beacon: int) -> int:
     if fault:
         install_fault(fault["at"], fault["action"], fault["nth"], beacon, fault.get("seconds", 600.0))
     hooks, saved, trainers = [lambda t: trainers.append(t)], [], []
-    if request.get("iteration_beacons"):  # the driver times random kills by these
+    if request.get("random_kill"):  # the driver times its kill by these
         hooks.append(lambda t: t.add_event_handler(Events.ITERATION_COMPLETED, lambda: os.write(beacon, b"i")))
     if request.get("pace_writes"):
         hooks.append(pace_background_writes())
@@ -254,7 +254,7 @@ def run_request(request: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     writes ``{"error", "message", "iteration", "saved"}`` to ``out`` and exits 1),
     ``kill_on_beacon`` (SIGKILL the child once its stall began), ``random_kill``
     (``[n, spread]``: SIGKILL after ``n`` iterations plus a random part of
-    ``spread`` iterations' time), ``timeout``.
+    ``spread`` iterations' time; with ``n = 0``, during its start-up), ``timeout``.
     Reply: ``status`` (exit code, negative for a signal), ``temps`` (temp files
     in ``dir`` at the kill), ``stalled`` (whether the stall began).
     """
@@ -282,10 +282,12 @@ def run_request(request: dict[str, Any], rng: random.Random) -> dict[str, Any]:
             os.kill(pid, signal.SIGKILL)
     elif request.get("random_kill"):
         iterations, spread = request["random_kill"]
-        started, seen = time.monotonic(), 0
+        seen, first = 0, None
         while seen < iterations and _read_beacon(beacon_r, timeout):
             seen += 1
-        per_iteration = (time.monotonic() - started) / max(seen, 1)
+            first = first or time.monotonic()
+        # The iteration time as measured between beacons; before two of them, a guess.
+        per_iteration = (time.monotonic() - first) / (seen - 1) if seen >= 2 else 0.05
         time.sleep(rng.uniform(0.0, spread * per_iteration))
         reply["temps"] = _temps(request["dir"])
         os.kill(pid, signal.SIGKILL)
@@ -361,8 +363,10 @@ def shared_driver() -> Callable[..., dict[str, Any]]:
         _SHARED["ask"] = running.__enter__()
 
         def stop() -> None:
-            running.__exit__(None, None, None)
-            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                running.__exit__(None, None, None)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
 
         atexit.register(stop)
     return _SHARED["ask"]
