@@ -97,7 +97,7 @@ def assert_resumed_runs_exact(results: dict[str, dict], cases: dict[str, tuple[i
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    # The whole matrix in both save modes: 4 references + 32 runs, about 15 s on 2 quiet cores.
+    # The whole matrix in both save modes: 4 references + 16 killed and 16 resumed runs, forked two at a time.
     return run_matrix(tmp_path_factory.mktemp("matrix"), CASES, async_modes=(False, True))
 
 
