@@ -101,6 +101,11 @@ class CheckpointRotation(Handler):
     together — the next save's agreement or the run's end — as the same
     ``RankAgreementError`` on every rank.
 
+    The attribute ``snapshot_mode`` selects how a background save captures
+    the state: ``"copy"`` (the default, described above) or ``"fence"``
+    (CPU weights and optimizer state are not copied; the next optimizer step
+    waits until they are serialized, see :mod:`handlers.save_fence`).
+
     Every run has a ``run_id`` (kept in its checkpoints, so a resumed run keeps
     it) and names its files with ``CheckpointDirectory.next_name``: names are
     never reused, not even after the directory's index was lost.

@@ -254,6 +254,7 @@ def test_a_rotation_save_costs_two_fsyncs_and_one_index_write(tmp_path: Path, mo
     for name in ("fsync", "replace"):
         monkeypatch.setattr(os, name, lambda *args, _real=getattr(os, name), _name=name: (calls.append(_name), _real(*args))[1])
     trainer.fire_event(Events.EPOCH_COMPLETED)  # one more epoch-end save: writes, rotates the first out
+    rotation.flush()  # a background save (the default) is written on the writer thread: wait for it
     monkeypatch.undo()
     rotation.close()
     assert calls == ["fsync", "replace", "fsync"]  # the new file's content; the index; the directory, once for both
