@@ -59,12 +59,12 @@ def test_smoke_run_writes_every_record_with_its_schema(tmp_path: Path) -> None:
 CKPT_ROW_FIELDS = {
     "row": str, "returns_s": numbers.Real, "returns_min_s": numbers.Real, "returns_max_s": numbers.Real,
     "durable_s": (numbers.Real, type(None)), "stall_per_save_s": numbers.Real, "stall_samples_s": list,
-    "in_run_stall_per_save_s": (numbers.Real, type(None)), "save_step_excess_s": (numbers.Real, type(None)),
+    "in_run_stall_per_save_s": (numbers.Real, type(None)), "blocking_per_save_s": (numbers.Real, type(None)),
     "median_step_clear_s": numbers.Real, "median_step_in_flight_s": (numbers.Real, type(None)),
     "steps_in_flight_per_loop": numbers.Real, "in_flight_slowdown": (numbers.Real, type(None)),
     "loops_with_write_in_flight_at_end": int, "back_pressure_waits": int, "extra_peak_bytes": (int, type(None)),
 }
-CKPT_LOOP_FIELDS = {"run_s": numbers.Real, "steps_s": list, "save_steps": list, "in_flight_after_step": list,
+CKPT_LOOP_FIELDS = {"run_s": numbers.Real, "steps_s": list, "save_steps": list, "held_steps": list, "in_flight_after_step": list,
                     "in_flight_at_end": bool, "steps_in_flight": int, "saver": dict}
 
 
@@ -106,6 +106,8 @@ def test_checkpoint_save_smoke_prints_every_row(tmp_path: Path) -> None:
             assert loop["save_steps"] == list(range(every, steps + 1, every))
             if name not in ASYNC_ROWS:
                 assert not any(loop["in_flight_after_step"]), name  # a synchronous save is done when it returns
+            # Only the fence holds the step after a save.
+            assert loop["held_steps"] == ([s + 1 for s in loop["save_steps"]] if name == "engine_kit async (fence)" else [])
         if name in report["memory"]:
             record = report["memory"][name]
             assert record["extra_peak_bytes"] == record["peak_rss_with_saves_bytes"] - record["peak_rss_without_saves_bytes"]

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +54,8 @@ class Saver:
 
     #: False for the plain copy, which writes no file (so nothing ever becomes durable).
     writes_file = True
+    #: True when the step after a save waits for the writer (engine_kit's fence): that step blocks training.
+    holds_next_step = False
 
     def save(self) -> None:
         """Save now; return when training may go on."""
@@ -214,6 +217,7 @@ class EngineKit(Saver):
 
     def __init__(self, mode: str, directory: Path) -> None:
         self.mode = mode
+        self.holds_next_step = mode == "fence"
         self.directory = directory
         self.rotation: CheckpointRotation | None = None
         self.trainer: Engine | None = None
@@ -317,7 +321,7 @@ def unavailable(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def saver_directory(root: Path, label: str) -> Any:
+def saver_directory(root: Path, label: str) -> Iterator[Path]:
     """A fresh directory for one saver under ``root``, removed afterwards (untimed: files pile up otherwise)."""
     directory = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=root))
     try:

@@ -121,20 +121,25 @@ def run_loop(name: str | None, model: torch.nn.Module, optimizer: torch.optim.Op
             if saver is not None:
                 saver.close()
     save_steps = [] if name is None else list(range(every, len(data) + 1, every))
-    return {"run_s": elapsed, "steps_s": steps, "save_steps": save_steps, "in_flight_after_step": in_flight_after,
+    held_steps = [step + 1 for step in save_steps if step < len(data)] if saver is not None and saver.holds_next_step else []
+    return {"run_s": elapsed, "steps_s": steps, "save_steps": save_steps, "held_steps": held_steps,
+            "in_flight_after_step": in_flight_after,
             "in_flight_at_end": bool(in_flight_after and in_flight_after[-1]), "saver": extras}
 
 
 def step_classes(loop: dict[str, Any]) -> dict[str, list[float]]:
     """A loop's step times split into steps started with a write in flight and steps started without.
 
-    >>> step_classes({"steps_s": [9, 1, 5, 2, 1], "save_steps": [2], "in_flight_after_step": [0, 1, 1, 0, 0]})
+    The first step, the steps that saved and the steps a fence held (the one
+    after each save) are in neither class.
+
+    >>> step_classes({"steps_s": [9, 1, 5, 2, 1], "save_steps": [2], "held_steps": [], "in_flight_after_step": [0, 1, 1, 0, 0]})
     {'in_flight': [5, 2], 'clear': [1]}
     """
-    saves = set(loop["save_steps"])
+    blocking = set(loop["save_steps"]) | set(loop["held_steps"])
     classes: dict[str, list[float]] = {"in_flight": [], "clear": []}
     for step, seconds in enumerate(loop["steps_s"], start=1):
-        if step == 1 or step in saves:
+        if step == 1 or step in blocking:
             continue
         classes["in_flight" if loop["in_flight_after_step"][step - 2] else "clear"].append(seconds)
     return classes
@@ -144,20 +149,20 @@ def in_run_stall(loop: dict[str, Any], classes: dict[str, list[float]]) -> dict[
     """The stall per save estimated inside one run, immune to load that drifts between runs.
 
     Each step's excess over the run's median step without a write in flight,
-    summed over the steps that saved and those that ran while a write was in
-    flight, per save; ``save_step_excess_s`` is the steps that saved alone
-    (the blocking part).
+    per save: ``blocking_per_save_s`` sums the steps that saved and the steps
+    a fence held (training waited for the save); ``in_run_stall_per_save_s``
+    adds the steps that ran, slowed, while a write was in flight.
 
-    >>> in_run_stall({"steps_s": [9, 3, 2, 1, 1], "save_steps": [2]}, {"in_flight": [2], "clear": [1, 1]})
-    {'in_run_stall_per_save_s': 3.0, 'save_step_excess_s': 2.0}
+    >>> in_run_stall({"steps_s": [9, 3, 2, 1, 1], "save_steps": [2], "held_steps": []}, {"in_flight": [2], "clear": [1, 1]})
+    {'in_run_stall_per_save_s': 3.0, 'blocking_per_save_s': 2.0}
     """
     saves = loop["save_steps"]
     if not saves or not classes["clear"]:
-        return {"in_run_stall_per_save_s": None, "save_step_excess_s": None}
+        return {"in_run_stall_per_save_s": None, "blocking_per_save_s": None}
     clear = statistics.median(classes["clear"])
-    blocking = sum(loop["steps_s"][step - 1] - clear for step in saves)
+    blocking = sum(loop["steps_s"][step - 1] - clear for step in saves + loop["held_steps"])
     in_flight = sum(seconds - clear for seconds in classes["in_flight"])
-    return {"in_run_stall_per_save_s": (blocking + in_flight) / len(saves), "save_step_excess_s": blocking / len(saves)}
+    return {"in_run_stall_per_save_s": (blocking + in_flight) / len(saves), "blocking_per_save_s": blocking / len(saves)}
 
 
 def time_loops(names: list[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: list, root: Path,
