@@ -95,7 +95,7 @@ class BackgroundSaves:
 
     def __init__(self, *, defer_failures: bool = False) -> None:
         self.defer_failures = defer_failures
-        self._job: _Job | None = None
+        self.job: _Job | None = None  # the save handed over whose outcome is not collected yet
         self.waits = 0  # saves that found the previous one still writing
         self.waited_s = 0.0  # training time spent in those waits
         _watch_at_exit(self)
@@ -103,12 +103,12 @@ class BackgroundSaves:
     @property
     def pending(self) -> bool:
         """Whether a save was handed over and its outcome not yet collected."""
-        return self._job is not None
+        return self.job is not None
 
     @property
     def writing(self) -> bool:
         """Whether the writer is still busy with the save in flight."""
-        return self._job is not None and not self._job.done.is_set()
+        return self.job is not None and not self.job.done.is_set()
 
     def submit(self, write: Callable[[Callable[[], None]], Any], on_durable: Callable[[], None], *, path: str) -> None:
         """Run ``write`` on a writer thread, after the previous save's outcome was collected.
@@ -124,25 +124,25 @@ class BackgroundSaves:
             CheckpointWriteError: the previous save failed.
         """
         self.settle(back_pressure=True)
-        self._job = _Job(path, write, on_durable)
-        self._job.thread.start()
+        self.job = _Job(path, write, on_durable)
+        self.job.thread.start()
 
     def wait_serialized(self) -> None:
         """Block until the save in flight no longer reads its payload's tensors (the fence)."""
-        job = self._job
+        job = self.job
         if job is not None:
             job.serialized.wait()
 
     def finish(self) -> None:
         """Wait for the write in flight, then collect its outcome as :meth:`poll` would (a deferred failure stays)."""
-        job = self._job
+        job = self.job
         if job is not None:
             job.done.wait()
             self.poll()
 
     def poll(self) -> None:
         """Collect the outcome of a finished save, without waiting for one still running."""
-        job = self._job
+        job = self.job
         if job is None or not job.done.is_set():
             return
         if job.error is not None and self.defer_failures:
@@ -161,7 +161,7 @@ class BackgroundSaves:
         Raises:
             CheckpointWriteError: it failed (the writer's error is chained).
         """
-        job = self._job
+        job = self.job
         if job is None:
             return
         if not job.done.is_set():
@@ -175,7 +175,7 @@ class BackgroundSaves:
                 return
             if back_pressure:
                 self._count_wait(job, time.perf_counter() - started)
-        self._job = None
+        self.job = None
         if job.error is not None:
             raise write_failure(job.path, job.error)
         job.on_durable()
@@ -222,7 +222,7 @@ def _watch_at_exit(saves: BackgroundSaves) -> None:
 def _report_at_exit() -> None:
     """At interpreter exit: wait (bounded) for writes in flight and print outcomes nobody collected."""
     for saves in list(_LIVE):
-        job = saves._job
+        job = saves.job
         if job is None:
             continue
         if not job.done.is_set():

@@ -226,9 +226,9 @@ class CheckpointRotation(Handler):
 
     # -- when to save ------------------------------------------------------
     def __call__(self, engine: Engine) -> None:
-        if self._background is not None:
-            self._background.poll()  # a finished background save: CHECKPOINT_SAVED, or its error, now
-            engine.state.checkpoint_waits = self._background.waits
+        background = self._background
+        if background is not None and background.job is not None:  # attribute checks only: it runs every micro-batch
+            background.poll()  # a finished background save: CHECKPOINT_SAVED, or its error, now
         state = engine.state
         if state.window_position != 0 or state.optimizer_steps == self.last_saved_step:
             return  # inside a window, or nothing new since the last save
@@ -298,6 +298,7 @@ class CheckpointRotation(Handler):
             return False
         # The directory (and the snapshot buffers) are the writer's until the save in flight is done.
         self._settle(back_pressure=not keep_at_least_one)
+        state.checkpoint_waits = self.waits
         directory = self._open()
         kept = [Kept(e.name, e.step, e.metric) for e in directory.entries()]
         name = directory.next_name(state.optimizer_steps)  # never an existing or former name

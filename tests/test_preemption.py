@@ -106,7 +106,8 @@ def test_a_signal_during_a_save_lets_the_save_finish_valid_and_stops_there(tmp_p
     trainer = _trainer(tmp_path, every_steps=2, keep_last=1, async_save=async_save)
     trainer.run(regression_batches(40, 4), max_epochs=2)
     stop_step = trainer.state.optimizer_steps
-    assert trainer.state.preempted == "SIGTERM" and (stop_step > 2 if async_save else stop_step == 2)
+    # Async: the writer's signal may be handled within the saving iteration (stop at 2) or some iterations later.
+    assert trainer.state.preempted == "SIGTERM" and (stop_step >= 2 if async_save else stop_step == 2)
     entries = CheckpointDirectory(tmp_path, read_only=True).entries()
     assert [e.step for e in entries] == [stop_step]
     payload = load_checkpoint_file(tmp_path / entries[0].name)  # verifies and loads
