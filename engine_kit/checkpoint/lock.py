@@ -117,10 +117,16 @@ def _holder_alive(pid: int, start: str | None) -> bool:
     return start is None or current is None or current == start
 
 
+# Locks this process released but could not delete (a directory made read-only): a later
+# CheckpointDirectory of this same process may take them over, since no writer holds them.
+_RELEASED_TOKENS: set[str] = set()
+
+
 def _release(path: str, token: str, owner_pid: int) -> None:
     """Remove the lock file if it is still ours (never someone else's)."""
     if os.getpid() != owner_pid:
         return  # a forked child exiting must not drop its parent's lock
+    _RELEASED_TOKENS.add(token)  # released, whether or not the file can go
     try:
         with open_regular(path, "lock") as fileobj:
             if json.loads(fileobj.read(_MAX_LOCK_BYTES).decode("utf-8")).get("token") != token:
@@ -293,6 +299,9 @@ class DirectoryLock:
             reason = _gone_from_another_host(holder, self.stale_after_s)
             self._stale_reason = f"{who}: {reason}"
             return reason is not None
+        if holder.get("pid") == os.getpid() and holder.get("token") in _RELEASED_TOKENS:
+            self._stale_reason = f"{who} (this process), released earlier but not deleted (the directory was not writable then)"
+            return True
         self._stale_reason = f"{who}, which is no longer running"
         return not _holder_alive(holder.get("pid"), holder.get("start"))
 

@@ -79,3 +79,23 @@ def test_commits_refresh_the_heartbeat_and_stop_once_the_lock_was_taken(tmp_path
             ckpts.commit(ckpts.next_name(2), make_payload(2, numel=4), step=2, epoch=0)
         assert [entry.step for entry in ckpts.entries()] == [1]
     assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == "theirs"  # release never removes theirs
+
+
+def test_a_lock_this_process_released_but_could_not_delete_is_taken_over(tmp_path, monkeypatch) -> None:
+    """A directory made read-only mid-run: the run's close() cannot unlink the lock; a retry in the same process may go on."""
+    first = CheckpointDirectory(tmp_path)
+    real_unlink = os.unlink
+
+    def read_only_unlink(path, *args, **kwargs):
+        if str(path).endswith(LOCK_NAME):
+            raise OSError(30, "Read-only file system")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", read_only_unlink)
+    first.close()
+    monkeypatch.undo()
+    assert (tmp_path / LOCK_NAME).exists()  # left behind by the failed release
+    with pytest.warns(UserWarning, match="released earlier but not deleted"):
+        second = CheckpointDirectory(tmp_path)
+    second.close()
+    assert not (tmp_path / LOCK_NAME).exists()
