@@ -52,6 +52,19 @@ MORE_ASYNC_CASES = {
 }
 
 
+def _start(run_dir: Path, out: Path, workers: int, accumulation: int, extra: list[str]) -> subprocess.Popen:
+    """One run of train_script.py in a subprocess of its own (the GPU variant uses these two)."""
+    cmd = [sys.executable, str(SCRIPT), "--dir", str(run_dir), "--out", str(out),
+           "--workers", str(workers), "--accumulation", str(accumulation), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(procs: dict[str, subprocess.Popen], expected_rc: int) -> None:
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=240)
+        assert proc.returncode == expected_rc, f"{name}: exit {proc.returncode}\n{output[-3000:]}"
+
+
 def _slug(name: str) -> str:
     return name.replace("/", "_")
 
