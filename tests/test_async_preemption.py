@@ -35,7 +35,7 @@ import pytest
 
 from engine_kit.checkpoint import TEMP_PREFIX, CheckpointDirectory, verify_checkpoint_file
 from handlers.preemption import PREEMPTED_EXIT_STATUS
-from tests.resume.writer_faults import shared_driver, shared_reference
+from tests.resume.fault_driver import shared_driver, shared_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 Ask = Callable[..., dict[str, Any]]

@@ -9,7 +9,7 @@ kill: each file under a checkpoint name verifies, the newest valid checkpoint
 is the one the kill point allows, and a rerun with ``resume="auto"`` sweeps
 the temp files and ends bitwise equal to an uninterrupted run.
 
-Runs are children forked by one driver process (``tests.resume.writer_faults``).
+Runs are children forked by one driver process (``tests.resume.fault_driver``).
 The training run is ``tests/resume/train_script.py``'s, two epochs of 12
 optimizer steps, a save every 2 (every 1 in the kill loops); none of that
 changes the training, so one uninterrupted run is the reference for all.
@@ -31,7 +31,8 @@ import pytest
 
 from engine_kit.checkpoint import LOCK_NAME, REGISTRY_NAME, TEMP_PREFIX, CheckpointDirectory, verify_checkpoint_file
 from tests.resume.train_script import train
-from tests.resume.writer_faults import WRITER_THREAD, shared_driver, shared_reference
+from tests.resume.fault_driver import shared_driver, shared_reference
+from tests.resume.writer_faults import WRITER_THREAD
 
 Ask = Callable[..., dict[str, Any]]
 COMPARED = ("losses", "params", "optimizer", "scheduler", "lr", "optimizer_steps")

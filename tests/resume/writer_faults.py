@@ -1,7 +1,8 @@
-"""Faults injected into the checkpoint writer of a training run in a child process, and a driver that forks such runs.
+"""Faults injected into the checkpoint writer of a training run, for the async-save tests.
 
-Used by the async-save crash, failure and preemption tests. Everything here is
-test code: it monkeypatches the child process it runs in, never the library.
+Everything here is test code: it monkeypatches the process it runs in (a
+child of the fault driver, ``tests/resume/fault_driver.py``, or the test
+process through ``monkeypatch``), never the library.
 
 A fault acts during the ``nth`` ``CheckpointDirectory.commit`` of the run, on
 the background writer thread (``CheckpointRotation(async_save=True)``), at one
@@ -18,26 +19,19 @@ itself), ``stall`` (signal the driver through the beacon pipe, then sleep
 ``seconds``), or ``SIGTERM`` / ``SIGINT`` (send it to itself, then stall
 ``seconds``, so the signal is handled while the write is in flight).
 
-The driver (``python -m tests.resume.writer_faults``) imports torch once and
-forks one child per request: one JSON request per stdin line, one JSON reply
-per stdout line (see :func:`serve`). ``python -m tests.resume.writer_faults lab
-[--fault AT:ACTION:NTH:SECONDS] -- <lab arguments>`` runs the lab with async
-saves and that fault (see :func:`lab_main`).
+``python -m tests.resume.writer_faults lab [--fault AT:ACTION:NTH:SECONDS] --
+<lab arguments>`` runs the FashionMNIST lab with async saves and that fault
+(see :func:`lab_main`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import select
 import signal
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +39,7 @@ from ignite.engine import Events
 
 from engine_kit import StepEvents
 from engine_kit.checkpoint import TEMP_PREFIX, CheckpointDirectory, streaming
-from engine_kit.errors import HandlerError
-from handlers.preemption import PREEMPTED_EXIT_STATUS
-from tests.resume.train_script import CRASH_STATUS, train
+from tests.resume.train_script import CRASH_STATUS
 
 WRITER_THREAD = "engine_kit-checkpoint"
 POINTS = ("mid-write", "temp-fsync", "link", "after-link", "index-replace", "unlink")
@@ -201,193 +193,6 @@ def break_after_save(step: int, action: Callable[[], None], saved: list[int]) ->
     return lambda trainer: trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, on_saved)
 
 
-def _child(request: dict[str, Any], beacon: int) -> int:
-    """One training run in a forked child; its exit status."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, whatever the driver inherited
-    fault = request.get("fault")
-    if fault:
-        install_fault(fault["at"], fault["action"], fault["nth"], beacon, fault.get("seconds", 600.0))
-    hooks, saved, trainers = [lambda t: trainers.append(t)], [], []
-    if request.get("random_kill"):  # the driver times its kill by these
-        hooks.append(lambda t: t.add_event_handler(Events.ITERATION_COMPLETED, lambda: os.write(beacon, b"i")))
-    if request.get("pace_writes"):
-        hooks.append(pace_background_writes())
-    if request.get("break_after_save"):
-        import subprocess
-
-        step, command = request["break_after_save"]["step"], request["break_after_save"]["command"]
-        hooks.append(break_after_save(step, lambda: subprocess.run(command, check=True, capture_output=True), saved))
-    try:
-        result = train(request["dir"], resume="auto" if request.get("resume") else None, hooks=hooks, **request.get("config", {}))
-    except HandlerError as error:  # what the run raised, for the test to judge
-        with open(request["out"], "w") as f:
-            json.dump({"error": type(error.__cause__).__name__, "message": str(error.__cause__),
-                       "iteration": trainers[0].state.iteration, "saved": saved}, f)
-        return 1
-    if result is None:
-        return PREEMPTED_EXIT_STATUS
-    if request.get("out"):
-        with open(request["out"], "w") as f:
-            json.dump(result, f)
-    return 0
-
-
-def _read_beacon(fd: int, timeout: float) -> bytes:
-    ready, _, _ = select.select([fd], [], [], timeout)
-    return os.read(fd, 1) if ready else b""
-
-
-def _temps(directory: str) -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(directory) if n.startswith(TEMP_PREFIX))
-    except FileNotFoundError:
-        return []
-
-
-def run_request(request: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-    """Fork a child for ``request``; kill it when asked; return its exit status and what the driver saw.
-
-    Request keys: ``dir``, ``out`` (result JSON), ``config`` (keywords of
-    ``train``), ``resume``, ``fault`` (keywords of :func:`install_fault`),
-    ``pace_writes`` (:func:`pace_background_writes`), ``break_after_save``
-    (``{"step", "command"}``: :func:`break_after_save`; a run that fails then
-    writes ``{"error", "message", "iteration", "saved"}`` to ``out`` and exits 1),
-    ``kill_on_beacon`` (SIGKILL the child once its stall began), ``random_kill``
-    (``[n, spread]``: SIGKILL after ``n`` iterations plus a random part of
-    ``spread`` iterations' time; with ``n = 0``, during its start-up), ``timeout``.
-    Reply: ``status`` (exit code, negative for a signal), ``temps`` (temp files
-    in ``dir`` at the kill), ``stalled`` (whether the stall began).
-    """
-    beacon_r, beacon_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(beacon_r)
-        os.dup2(2, 1)  # the driver's stdout carries the replies: the run prints to stderr
-        status = 1
-        try:
-            status = _child(request, beacon_w)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-    os.close(beacon_w)
-    reply: dict[str, Any] = {"temps": [], "stalled": False}
-    timeout = request.get("timeout", 120.0)
-    if request.get("kill_on_beacon"):
-        reply["stalled"] = _read_beacon(beacon_r, timeout) == b"s"
-        if reply["stalled"]:
-            reply["temps"] = _temps(request["dir"])
-            os.kill(pid, signal.SIGKILL)
-    elif request.get("random_kill"):
-        iterations, spread = request["random_kill"]
-        seen, first = 0, None
-        while seen < iterations and _read_beacon(beacon_r, timeout):
-            seen += 1
-            first = first or time.monotonic()
-        # The iteration time as measured between beacons; before two of them, a guess.
-        per_iteration = (time.monotonic() - first) / (seen - 1) if seen >= 2 else 0.05
-        time.sleep(rng.uniform(0.0, spread * per_iteration))
-        reply["temps"] = _temps(request["dir"])
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    os.close(beacon_r)
-    reply["status"] = os.waitstatus_to_exitcode(status)
-    return reply
-
-
-def serve(seed: int = 0) -> None:
-    """Answer one JSON request per stdin line with one JSON reply per stdout line (``ready`` first)."""
-    import torch
-
-    torch.set_num_threads(1)  # every child alike, two of them may run side by side
-    rng = random.Random(seed)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        print(json.dumps(run_request(json.loads(line), rng)), flush=True)
-
-
-@contextmanager
-def driver(folder: Path, seed: int = 0) -> Iterator[Callable[..., dict[str, Any]]]:
-    """Start a driver process; yield ``ask(**request) -> reply`` (see :func:`run_request`).
-
-    Its stderr (and the runs' output) goes to ``folder/driver.err``, quoted
-    in the error when a reply does not come.
-    """
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    log = folder / "driver.err"
-    with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "tests.resume.writer_faults", str(seed)], cwd=root, env=env,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        try:
-            if process.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"the fault driver did not start: {log.read_text()[-3000:]}")
-
-            def ask(**request: Any) -> dict[str, Any]:
-                process.stdin.write(json.dumps(request) + "\n")
-                process.stdin.flush()
-                line = process.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"the fault driver died: {log.read_text()[-3000:]}")
-                return json.loads(line)
-
-            yield ask
-        finally:
-            process.stdin.close()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-_SHARED: dict[str, Any] = {}
-
-
-def shared_driver() -> Callable[..., dict[str, Any]]:
-    """One :func:`driver` for the whole test session: started on first use, stopped when this interpreter exits.
-
-    Its log folder is a temp directory of its own, removed then too.
-    """
-    if "ask" not in _SHARED:
-        import atexit
-        import shutil
-        import tempfile
-
-        folder = Path(tempfile.mkdtemp(prefix="engine_kit-writer-faults-"))
-        running = driver(folder)
-        _SHARED["ask"] = running.__enter__()
-
-        def stop() -> None:
-            try:
-                running.__exit__(None, None, None)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-
-        atexit.register(stop)
-    return _SHARED["ask"]
-
-
-def shared_reference(epochs: int) -> dict[str, Any]:
-    """The result of an uninterrupted run with synchronous saves (``train`` defaults otherwise), run once per session."""
-    key = f"reference-{epochs}"
-    if key not in _SHARED:
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="engine_kit-reference-") as folder:
-            out = os.path.join(folder, "out.json")
-            reply = shared_driver()(dir=os.path.join(folder, "ckpt"), out=out, config={"async_save": False, "epochs": epochs})
-            if reply["status"] != 0:
-                raise RuntimeError(f"the reference run failed: {reply}")
-            with open(out) as f:
-                _SHARED[key] = json.load(f)
-    return _SHARED[key]
-
-
 def lab_main(argv: list[str]) -> None:
     """Run the FashionMNIST lab with async saves forced on and, optionally, a writer fault.
 
@@ -422,7 +227,4 @@ def lab_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["lab"]:
-        lab_main(sys.argv[2:])
-    else:
-        serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    lab_main(sys.argv[2:] if sys.argv[1:2] == ["lab"] else sys.argv[1:])
