@@ -378,3 +378,27 @@ def test_a_write_in_flight_when_the_process_exits_is_awaited_and_its_failure_pri
     # Never lost: the exit waited for the writer and printed its outcome, naming the file and the cause.
     assert f"waiting up to 120 s for the checkpoint write of {path!r}" in result.stderr
     assert "The background write of the checkpoint" in result.stderr and "Input/output error" in result.stderr
+
+
+def test_a_failed_write_during_a_failing_run_is_a_note_on_the_run_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow_failing_write(*args: object) -> None:
+        time.sleep(0.2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(streaming_module, "write_sealed", slow_failing_write)
+    torch.manual_seed(0)
+    model = mlp(in_features=2, out=1)
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
+    rotation = CheckpointRotation(tmp_path, every_steps=1, keep_last=1, async_save=True)
+    rotation.attach(trainer)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def crash(engine: object) -> None:
+        if engine.state.optimizer_steps == 1:
+            raise RuntimeError("boom")  # while the step-1 write is still in flight
+
+    with pytest.raises(RuntimeError, match="boom") as caught:  # the first error wins
+        trainer.run(regression_batches(8, 4), max_epochs=1)
+    notes = " ".join(getattr(caught.value.__cause__ or caught.value, "__notes__", []) + getattr(caught.value, "__notes__", []))
+    assert "CheckpointWriteError" in notes and "step00000001" in notes and "No space left on device" in notes
+    assert not rotation._background.pending and not list(tmp_path.glob(".ek-tmp-*"))
