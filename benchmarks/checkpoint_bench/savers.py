@@ -271,9 +271,12 @@ class EngineKit(Saver):
                 "snapshot_buffer_bytes": getattr(snapshots, "nbytes", None)}
 
     def drain(self) -> None:
-        background = self._background()
+        if self.rotation is not None and hasattr(self.rotation, "flush"):
+            self.rotation.flush()  # fires CHECKPOINT_SAVED; raises a failed write
+            return
+        background = self._background()  # commits before flush() existed
         if background is not None:
-            background.settle()  # fires CHECKPOINT_SAVED; raises a failed write
+            background.settle()
 
     def close(self) -> None:
         if self.rotation is not None:
