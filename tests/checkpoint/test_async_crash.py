@@ -108,7 +108,7 @@ def test_a_kill_during_a_background_write_keeps_the_previous_checkpoint_newest(
     assert Path(result["resumed_from"]).name.startswith("step00000004")
 
 
-# -- RELIABILITY cases 2 and 4 through the handler: an exit at each point of a background commit -----------
+# -- through the handler: an exit at each point of a background commit (keep-last 1) --------------------------
 # keep-last = 1; the third save (step 6) is cut. Newest valid after the exit: all-old (4) until the
 # file has its final name, all-new (6) from then on (a whole file not yet indexed is adopted).
 EXIT_POINTS = {"temp-fsync": 4, "link": 4, "after-link": 6, "index-replace": 6, "unlink": 6}
@@ -129,7 +129,7 @@ def test_an_exit_at_each_point_of_a_background_commit_leaves_all_old_or_all_new(
     rerun_and_compare(ask, folder, reference, keep_last=1)
 
 
-# -- RELIABILITY case 1 through the handler: SIGKILL at random moments of an async training run ------------
+# -- through the handler: SIGKILL at random moments of an async training run -----------------------------------
 def kill_loop(ask: Ask, folder: Path, reference: dict, kills: int, seed: int, epochs: int = EPOCHS) -> None:
     """SIGKILL an async run (a save every step, keep-last 1 or 2) at random moments, resuming each time."""
     rng = random.Random(seed)
@@ -167,7 +167,7 @@ def test_sigkill_at_random_moments_of_an_async_run_many_times(ask: Ask, tmp_path
         kill_loop(ask, tmp_path / f"ckpt{seed}", longer, kills=30, seed=100 + seed, epochs=6)
 
 
-# -- RELIABILITY case 6 through the handler: the write path's syscall order, all of it on the writer thread ---
+# -- through the handler: the write path's syscall order, all of it on the writer thread ------------------------
 def test_background_saves_keep_the_durable_syscall_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, str, tuple[str, ...]]] = []  # (thread, call, base names: "<dir>" for a directory fd)
 

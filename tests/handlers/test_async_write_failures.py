@@ -159,7 +159,7 @@ def test_a_directory_made_read_only_mid_run_fails_the_background_save_and_a_reru
         check_failure(folder, failure["error"], failure["message"], failure["iteration"], failure["saved"])
         assert "Read-only file system" in failure["message"]
         assert_older_checkpoints_verify(folder, capsys)
-        # RELIABILITY case 8: a run started now on that filesystem fails at construction, not at its first save.
+        # A run started now on that filesystem fails at construction, not at its first save.
         with pytest.raises(CheckpointWriteError, match="To fix:") as refused:
             CheckpointRotation(small_tmpfs / "fresh", async_save=True)
         assert str(small_tmpfs / "fresh") in str(refused.value)
@@ -216,7 +216,7 @@ def test_an_injected_write_failure_is_raised_at_the_next_iteration(
 def test_an_exception_while_serializing_leaves_the_directory_as_it_was(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pacing: Callable, reference: dict, capsys: pytest.CaptureFixture
 ) -> None:
-    """RELIABILITY case 3 with a background save: the writer fails inside torch.save's stream, after some bytes."""
+    """An exception while serializing in the background: the writer fails inside torch.save's stream, after some bytes."""
     folder, before = tmp_path / "ckpt", {}
     armed = threading.Event()
     real_write_sealed = streaming.write_sealed
