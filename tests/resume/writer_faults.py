@@ -206,6 +206,8 @@ def lab_main(argv: list[str]) -> None:
 
     from handlers.checkpoint import CheckpointRotation
 
+    if "--" not in argv:
+        raise SystemExit("usage: python -m tests.resume.writer_faults lab [--fault AT:ACTION:NTH:SECONDS] -- <lab arguments>")
     split = argv.index("--")
     options, lab_args = argv[:split], argv[split + 1:]
     if options[:1] == ["--fault"]:
