@@ -24,7 +24,7 @@ from engine_kit.stateful import register_stateful, save_refusal
 from engine_kit.engine import cleanup_handler
 from engine_kit.resume_checks import unwrap_model
 from engine_kit.training_state import capture_training_state, restore_training_state
-from handlers.background_save import BackgroundSaves
+from engine_kit.checkpoint.background import BackgroundSaves
 from handlers.save_fence import StepFence, fenced_storages
 from handlers.base import Handler
 from handlers.checkpoint_resume import branch_from, refuse_foreign_checkpoints

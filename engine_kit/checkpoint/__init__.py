@@ -8,6 +8,7 @@ that is rebuilt from them whenever it is missing, damaged or inconsistent.
 >>> from engine_kit.checkpoint import CheckpointDirectory, load_checkpoint_file
 """
 
+from engine_kit.checkpoint.async_commit import PendingCommit
 from engine_kit.checkpoint.atomic import TEMP_PREFIX, atomic_write, fsync_directory, sweep_stale_temps
 from engine_kit.checkpoint.directory import CheckpointDirectory, RepairReport
 from engine_kit.checkpoint.fileformat import (
@@ -40,6 +41,7 @@ __all__ = [
     "CheckpointFileInfo",
     "CheckpointRecord",
     "DirectoryLock",
+    "PendingCommit",
     "RegistryEntry",
     "RepairReport",
     "atomic_write",

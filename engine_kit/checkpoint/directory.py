@@ -17,6 +17,10 @@ Ordering is what keeps a crash harmless:
   files, deleted at the next open, never an entry for a missing file, so
   rotation with keep-last = 1 always leaves a valid checkpoint.
 
+:meth:`CheckpointDirectory.commit_async` does the same commit on a
+background writer thread (see :mod:`engine_kit.checkpoint.async_commit`);
+while it is in flight every other call on the directory waits for it.
+
 A file that verifies is never overwritten or deleted, except by
 :meth:`~CheckpointDirectory.remove` of names the index holds (rotation):
 :meth:`~CheckpointDirectory.commit` refuses any name already present, and
@@ -49,6 +53,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from engine_kit.checkpoint.async_commit import AsyncCommits, PendingCommit
 from engine_kit.checkpoint.atomic import fsync_directory, sweep_stale_temps, temp_prefix
 from engine_kit.checkpoint.fileformat import save_checkpoint_file
 from engine_kit.checkpoint.index import IndexState
@@ -93,6 +98,7 @@ class CheckpointDirectory(IndexedReader):
         run_id: str | None = None,
         lock_stale_after_s: float | None = None,
     ) -> None:
+        self._commits: AsyncCommits | None = None  # commit_async's writer, from its first call
         super().__init__(path, read_only=read_only, run_id=run_id)
         self._lock: DirectoryLock | None = None
         self.repaired_at_open: RepairReport | None = None  # what opening for writing repaired
@@ -142,15 +148,69 @@ class CheckpointDirectory(IndexedReader):
         return self._lock
 
     def close(self) -> None:
-        """Release the writer lock (safe to call twice)."""
-        if self._lock is not None:
-            self._lock.release()
+        """Wait for a :meth:`commit_async` in flight (:meth:`flush`), then release the writer lock (safe to call twice).
+
+        Raises:
+            CheckpointWriteError: an asynchronous commit failed (the lock is released all the same).
+        """
+        try:
+            self.flush()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> CheckpointDirectory:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
+        try:
+            self.close()
+        except CheckpointWriteError as failure:
+            if error is None:
+                raise
+            error.add_note(f"Also: {type(failure).__name__}: {failure}")  # the error that left the block wins
+
+    def commit_async(self, name: str, payload: dict[str, Any], **options: Any) -> PendingCommit:
+        """:meth:`commit` on a background writer thread; returns once ``payload`` is copied.
+
+        The caller may change ``payload``'s tensors as soon as this returns.
+        One commit is in flight at a time: a call while one is still being
+        written waits for it (counted in ``waits``). Its failure is never lost:
+        raised by its ``result()``, else by the next ``commit_async``,
+        :meth:`flush` or :meth:`close`. See :mod:`engine_kit.checkpoint.async_commit`.
+
+        Args:
+            name: as for :meth:`commit`.
+            payload: as for :meth:`commit`.
+            **options: :meth:`commit`'s keywords (``step``, ``epoch``, ``tags``,
+                ``metric``, ``run_id``, ``retag``, ``rotate_out``).
+
+        Returns:
+            A :class:`~engine_kit.checkpoint.async_commit.PendingCommit`; its
+            ``result()`` is :meth:`commit`'s entry.
+
+        Raises:
+            ValueError / TypeError: a bad name, step, epoch, tag, metric or run_id (nothing submitted).
+            CheckpointWriteError: the previous asynchronous commit failed (nothing submitted).
+        """
+        if self._commits is None:
+            self._commits = AsyncCommits(self)
+        return self._commits.submit(name, payload, options)
+
+    def flush(self) -> None:
+        """Wait for the :meth:`commit_async` in flight, if any, and raise its failure (``CheckpointWriteError``)."""
+        if self._commits is not None:
+            self._commits.flush()
+
+    @property
+    def waits(self) -> int:
+        """How many :meth:`commit_async` calls waited for the previous commit (back-pressure)."""
+        return self._commits.waits if self._commits is not None else 0
+
+    def _index(self, *, full: bool = False, stacklevel: int = 3, strict: bool = False) -> IndexState:
+        if self._commits is not None:
+            self._commits.wait_unless_writer()  # the directory is the writer's while a commit is in flight
+        return super()._index(full=full, stacklevel=stacklevel + 1, strict=strict)
 
     def __repr__(self) -> str:
         return f"CheckpointDirectory({self.path!r}, read_only={self.read_only})"
@@ -226,20 +286,7 @@ class CheckpointDirectory(IndexedReader):
             CheckpointWriteError: writing failed (the index and older files are untouched).
         """
         self._require_writable("commit").refresh()  # the heartbeat; refuses if another writer took the lock over
-        validate_name(name)
-        _check_count("step", step)
-        _check_count("epoch", epoch)
-        tags = tuple(tags)
-        if not all(isinstance(tag, str) for tag in tags):
-            raise TypeError(fix_message(f"tags={tags!r} must all be str.", "pass e.g. tags=('last',)."))
-        if metric is not None:
-            try:
-                metric = float(metric)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(fix_message(f"metric={metric!r} is not a number.", "pass a float (NaN/inf allowed) or None.")) from exc
-        run_id = self.run_id if run_id is None else run_id
-        if run_id is not None and not isinstance(run_id, str):
-            raise TypeError(fix_message(f"run_id={run_id!r} is not a str.", "pass a string naming the run, or None."))
+        tags, metric, run_id = self._checked_record(name, step, epoch, tags, metric, run_id)
         state = self._index()
         if any(entry.name == name for entry in state.entries):
             raise CheckpointExistsError(
@@ -276,6 +323,26 @@ class CheckpointDirectory(IndexedReader):
         for doomed_name in doomed:
             self._unlink_regular(doomed_name)  # a lost unlink is finished at the next open (pending in the index)
         return entry
+
+    def _checked_record(
+        self, name: str, step: int, epoch: int, tags: Iterable[str], metric: float | None, run_id: str | None
+    ) -> tuple[tuple[str, ...], float | None, str | None]:
+        """:meth:`commit`'s record arguments checked: ``(tags, metric, run_id)`` normalized."""
+        validate_name(name)
+        _check_count("step", step)
+        _check_count("epoch", epoch)
+        tags = tuple(tags)
+        if not all(isinstance(tag, str) for tag in tags):
+            raise TypeError(fix_message(f"tags={tags!r} must all be str.", "pass e.g. tags=('last',)."))
+        if metric is not None:
+            try:
+                metric = float(metric)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(fix_message(f"metric={metric!r} is not a number.", "pass a float (NaN/inf allowed) or None.")) from exc
+        run_id = self.run_id if run_id is None else run_id
+        if run_id is not None and not isinstance(run_id, str):
+            raise TypeError(fix_message(f"run_id={run_id!r} is not a str.", "pass a string naming the run, or None."))
+        return tags, metric, run_id
 
     def _checked_tags(self, tags: Mapping[str, Iterable[str]], allowed: set[str]) -> dict[str, tuple[str, ...]]:
         """``tags`` as name -> tuple, every name in ``allowed`` and every tag a str."""
