@@ -98,6 +98,9 @@ class GradNormLogger(Handler):
         # (optimizer step, wall time, norm on the device, clip threshold at that step)
         self._pending: list[tuple[int, float, torch.Tensor, float | None]] = []
         self._norms: list[tuple[int, float]] = []
+        # The same history as float64 (step, norm) tensors, one per flush: state_dict joins them
+        # in C instead of converting every step seen so far from Python at each save.
+        self._norm_chunks: list[torch.Tensor] = []
         self._steps_seen = 0
         self._steps_clipped = 0
         self._flushes = 0
@@ -133,7 +136,9 @@ class GradNormLogger(Handler):
         values = fetch(list(tensors))  # the single host sync of this batch of steps
         self._pending.clear()
         self._flushes += 1
-        self._norms += zip(steps, values)
+        rows = list(zip(steps, values))
+        self._norms += rows
+        self._norm_chunks.append(torch.tensor(rows, dtype=torch.float64).reshape(-1, 2))
         self._steps_seen += len(values)
         # NaN compares False: a non-finite norm is logged but never counted as clipped.
         self._steps_clipped += sum(limit is not None and value > limit for value, limit in zip(values, limits))
@@ -191,7 +196,9 @@ class GradNormLogger(Handler):
                 [2.0000, 0.2500]], dtype=torch.float64)
         """
         self.flush()
-        norms = torch.tensor(self._norms, dtype=torch.float64).reshape(-1, 2)
+        if len(self._norm_chunks) > 1:
+            self._norm_chunks = [torch.cat(self._norm_chunks)]
+        norms = self._norm_chunks[0].clone() if self._norm_chunks else torch.zeros(0, 2, dtype=torch.float64)
         return {"norms": norms, "steps_seen": self._steps_seen, "steps_clipped": self._steps_clipped}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -200,5 +207,6 @@ class GradNormLogger(Handler):
         norms = state_dict["norms"]
         rows = norms.tolist() if isinstance(norms, torch.Tensor) else norms  # a tensor, or the older list of pairs
         self._norms = [(int(step), float(value)) for step, value in rows]
+        self._norm_chunks = [torch.tensor(self._norms, dtype=torch.float64).reshape(-1, 2)]
         self._steps_seen = int(state_dict["steps_seen"])
         self._steps_clipped = int(state_dict["steps_clipped"])
