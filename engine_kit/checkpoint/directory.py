@@ -171,26 +171,17 @@ class CheckpointDirectory(IndexedReader):
             error.add_note(f"Also: {type(failure).__name__}: {failure}")  # the error that left the block wins
 
     def commit_async(self, name: str, payload: dict[str, Any], **options: Any) -> PendingCommit:
-        """:meth:`commit` on a background writer thread; returns once ``payload`` is copied.
+        """:meth:`commit` (same arguments: ``step``, ``epoch``, ``tags``, ``rotate_out``...) on a background writer thread.
 
-        The caller may change ``payload``'s tensors as soon as this returns.
-        One commit is in flight at a time: a call while one is still being
-        written waits for it (counted in ``waits``). Its failure is never lost:
-        raised by its ``result()``, else by the next ``commit_async``,
-        :meth:`flush` or :meth:`close`. See :mod:`engine_kit.checkpoint.async_commit`.
-
-        Args:
-            name: as for :meth:`commit`.
-            payload: as for :meth:`commit`.
-            **options: :meth:`commit`'s keywords (``step``, ``epoch``, ``tags``,
-                ``metric``, ``run_id``, ``retag``, ``rotate_out``).
-
-        Returns:
-            A :class:`~engine_kit.checkpoint.async_commit.PendingCommit`; its
-            ``result()`` is :meth:`commit`'s entry.
+        Returns once ``payload`` is copied: the caller may change its tensors
+        at once. One commit in flight; a call while one is being written waits
+        for it (counted in :attr:`waits`). Its failure is raised by the returned
+        :class:`~engine_kit.checkpoint.async_commit.PendingCommit`'s ``result()``,
+        else by the next ``commit_async``, :meth:`flush` or :meth:`close`
+        (see :mod:`engine_kit.checkpoint.async_commit`).
 
         Raises:
-            ValueError / TypeError: a bad name, step, epoch, tag, metric or run_id (nothing submitted).
+            ValueError / TypeError: a bad argument (nothing submitted).
             CheckpointWriteError: the previous asynchronous commit failed (nothing submitted).
         """
         if self._commits is None:
