@@ -7,7 +7,10 @@ change them as soon as the call returns; serializing, hashing, the atomic
 write, the fsyncs, the index update and the rotation (``rotate_out``) run
 on the writer thread of :mod:`engine_kit.checkpoint.background`, through
 :meth:`CheckpointDirectory.commit` itself: the same file, the same
-guarantees, the same refusal of an existing name.
+guarantees, the same refusal of an existing name. A CUDA tensor is copied
+(non-blocking, into pinned memory, ordered on its stream before later
+kernels) and written as that CPU copy: the file ``commit`` writes for the
+payload moved to the CPU.
 
 One commit is in flight at a time. A ``commit_async`` while the previous one
 is still being written waits for it (back-pressure: counted in the
