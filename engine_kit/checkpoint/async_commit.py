@@ -42,6 +42,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from engine_kit.checkpoint.background import BackgroundSaves, write_failure
+from engine_kit.checkpoint.commit_args import checked_record
 from engine_kit.checkpoint.registry import RegistryEntry
 from engine_kit.checkpoint.snapshot import SnapshotBuffers
 from engine_kit.errors import fix_message
@@ -119,8 +120,8 @@ class AsyncCommits:
                                         f"pass step= and epoch=, and only keywords among {sorted(_OPTIONS)}."))
         directory = self._directory
         directory._require_writable("commit")
-        tags, metric, run_id = directory._checked_record(name, options["step"], options["epoch"], options.get("tags", ()),
-                                                         options.get("metric"), options.get("run_id"))
+        tags, metric, run_id = checked_record(name, options["step"], options["epoch"], options.get("tags", ()),
+                                              options.get("metric"), directory.run_id if options.get("run_id") is None else options["run_id"])
         options = {**options, "tags": tags, "metric": metric, "run_id": run_id}
         self._saves.settle(back_pressure=True)  # the buffers and the directory are the writer's until then
         snapshot = self._snapshots.capture(payload)

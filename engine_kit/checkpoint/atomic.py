@@ -81,6 +81,35 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def probe_writable(path: str, create: bool) -> None:
+    """Write, fsync and delete a probe file in ``path``: fail now, not at the first save hours later.
+
+    Raises:
+        CheckpointWriteError: ``path`` cannot be created (``create``), is
+            missing, or cannot take a small fsynced file (read-only, full, not
+            a directory).
+    """
+    try:
+        if create:
+            os.makedirs(path, exist_ok=True)
+        elif not os.path.isdir(path):
+            raise FileNotFoundError(f"{path!r} does not exist")
+        fd, probe = tempfile.mkstemp(dir=path, prefix=temp_prefix())
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            fix_message(
+                f"Checkpoint directory {path!r} is not writable: {exc!r}.",
+                "choose a directory you can write to (not under a file, not on a read-only mount) with free space.",
+            )
+        ) from exc
+
+
 def _refuse_symlink(path: str) -> None:
     """Raise when ``path`` is a symlink: we never write through (or at) one."""
     if os.path.islink(path):

@@ -47,21 +47,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from engine_kit.checkpoint.async_commit import AsyncCommits, PendingCommit
-from engine_kit.checkpoint.atomic import fsync_directory, sweep_stale_temps, temp_prefix
+from engine_kit.checkpoint.atomic import fsync_directory, probe_writable, sweep_stale_temps
+from engine_kit.checkpoint.commit_args import checked_folder, checked_names, checked_record, checked_tags
 from engine_kit.checkpoint.fileformat import save_checkpoint_file
 from engine_kit.checkpoint.index import IndexState
 from engine_kit.checkpoint.lock import DirectoryLock
 from engine_kit.checkpoint.reader import IndexedReader
 from engine_kit.checkpoint.repair_report import RepairReport, check_count as _check_count
 from engine_kit.checkpoint.record import CheckpointRecord
-from engine_kit.checkpoint.registry import CHECKPOINT_SUFFIX, RegistryEntry, validate_name
+from engine_kit.checkpoint.registry import RegistryEntry
 from engine_kit.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError, fix_message
 
 
@@ -106,7 +106,7 @@ class CheckpointDirectory(IndexedReader):
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(fix_message(f"Checkpoint directory {self.path!r} does not exist.", "check the path."))
             return
-        self._check_writable(create)
+        probe_writable(self.path, create)
         self._lock = DirectoryLock(self.path, stale_after_s=lock_stale_after_s)
         self._lock.acquire()
         try:
@@ -116,28 +116,6 @@ class CheckpointDirectory(IndexedReader):
         except BaseException:
             self.close()
             raise
-
-    def _check_writable(self, create: bool) -> None:
-        """Fail now, not at the first save hours later."""
-        try:
-            if create:
-                os.makedirs(self.path, exist_ok=True)
-            elif not os.path.isdir(self.path):
-                raise FileNotFoundError(f"{self.path!r} does not exist")
-            fd, probe = tempfile.mkstemp(dir=self.path, prefix=temp_prefix())
-            try:
-                os.write(fd, b"probe")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(probe)
-        except OSError as exc:
-            raise CheckpointWriteError(
-                fix_message(
-                    f"Checkpoint directory {self.path!r} is not writable: {exc!r}.",
-                    "choose a directory you can write to (not under a file, not on a read-only mount) with free space.",
-                )
-            ) from exc
 
     def _require_writable(self, action: str) -> DirectoryLock:
         """The held lock; CheckpointWriteError when read-only or closed."""
@@ -277,7 +255,7 @@ class CheckpointDirectory(IndexedReader):
             CheckpointWriteError: writing failed (the index and older files are untouched).
         """
         self._require_writable("commit").refresh()  # the heartbeat; refuses if another writer took the lock over
-        tags, metric, run_id = self._checked_record(name, step, epoch, tags, metric, run_id)
+        tags, metric, run_id = checked_record(name, step, epoch, tags, metric, self.run_id if run_id is None else run_id)
         state = self._index()
         if any(entry.name == name for entry in state.entries):
             raise CheckpointExistsError(
@@ -286,8 +264,9 @@ class CheckpointDirectory(IndexedReader):
                     "take a fresh name from next_name(step).",
                 )
             )
-        new_tags = self._checked_tags(retag or {}, {entry.name for entry in state.entries} | {name})
-        doomed = self._checked_names(rotate_out, state)
+        indexed = {entry.name for entry in state.entries}
+        new_tags = checked_tags(self.path, retag or {}, indexed | {name})
+        doomed = checked_names(self.path, rotate_out, indexed)
         if name in doomed:
             raise ValueError(fix_message(f"rotate_out names the new checkpoint {name!r}.", "rotate out only older, indexed names."))
         record = CheckpointRecord(name, step, epoch, state.next_order, tags, metric, run_id, time.time())
@@ -315,46 +294,6 @@ class CheckpointDirectory(IndexedReader):
             self._unlink_regular(doomed_name)  # a lost unlink is finished at the next open (pending in the index)
         return entry
 
-    def _checked_record(
-        self, name: str, step: int, epoch: int, tags: Iterable[str], metric: float | None, run_id: str | None
-    ) -> tuple[tuple[str, ...], float | None, str | None]:
-        """:meth:`commit`'s record arguments checked: ``(tags, metric, run_id)`` normalized."""
-        validate_name(name)
-        _check_count("step", step)
-        _check_count("epoch", epoch)
-        tags = tuple(tags)
-        if not all(isinstance(tag, str) for tag in tags):
-            raise TypeError(fix_message(f"tags={tags!r} must all be str.", "pass e.g. tags=('last',)."))
-        if metric is not None:
-            try:
-                metric = float(metric)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(fix_message(f"metric={metric!r} is not a number.", "pass a float (NaN/inf allowed) or None.")) from exc
-        run_id = self.run_id if run_id is None else run_id
-        if run_id is not None and not isinstance(run_id, str):
-            raise TypeError(fix_message(f"run_id={run_id!r} is not a str.", "pass a string naming the run, or None."))
-        return tags, metric, run_id
-
-    def _checked_tags(self, tags: Mapping[str, Iterable[str]], allowed: set[str]) -> dict[str, tuple[str, ...]]:
-        """``tags`` as name -> tuple, every name in ``allowed`` and every tag a str."""
-        new_tags = {name: tuple(values) for name, values in tags.items()}
-        unknown = sorted(set(new_tags) - allowed)
-        if unknown:
-            raise ValueError(fix_message(f"{unknown} are not registered checkpoints in {self.path!r}.", "pass names from entries()."))
-        if not all(isinstance(tag, str) for values in new_tags.values() for tag in values):
-            raise TypeError(fix_message(f"tags={new_tags!r} must all be str.", "pass e.g. {'step-1.ekpt': ('best',)}."))
-        return new_tags
-
-    def _checked_names(self, names: Iterable[str], state: IndexState) -> list[str]:
-        """``names`` as a list, each one indexed (a single str is one name)."""
-        wanted = [names] if isinstance(names, str) else list(names)
-        indexed = {entry.name for entry in state.entries}
-        for name in wanted:
-            validate_name(name)
-            if name not in indexed:
-                raise ValueError(fix_message(f"{name!r} is not a registered checkpoint in {self.path!r}.", "pass names from entries()."))
-        return wanted
-
     def remove(self, names: Iterable[str]) -> list[str]:
         """Unindex ``names``, then delete their files (rotation's only way to delete).
 
@@ -372,7 +311,7 @@ class CheckpointDirectory(IndexedReader):
         if not wanted:
             return []
         state = self._index()
-        self._checked_names(wanted, state)
+        checked_names(self.path, wanted, {entry.name for entry in state.entries})
         # Unindex first and note the names as pending, so a kill before the
         # unlinks leaves files that the next open deletes, never a dangling entry.
         keep = [entry for entry in state.entries if entry.name not in set(wanted)]
@@ -404,15 +343,10 @@ class CheckpointDirectory(IndexedReader):
         """
         self._require_writable("set checkpoints aside")
         wanted = [names] if isinstance(names, str) else list(names)
-        if not isinstance(folder, str) or not folder or folder.startswith(".") or folder.endswith(CHECKPOINT_SUFFIX) or any(
-            bad in folder for bad in ("/", "\\", "\0", "..")
-        ):
-            raise ValueError(fix_message(f"folder={folder!r} is not a plain subfolder name.", "pass e.g. 'branched-from-step00000100'."))
+        checked_folder(folder)
         state = self._index()
         entries = {entry.name: entry for entry in state.entries}
-        for name in wanted:
-            if validate_name(name) not in entries:
-                raise ValueError(fix_message(f"{name!r} is not a registered checkpoint in {self.path!r}.", "pass names from entries()."))
+        checked_names(self.path, wanted, set(entries))
         target = os.path.join(self.path, folder)
         os.makedirs(target, exist_ok=True)
         moved = []
@@ -449,7 +383,7 @@ class CheckpointDirectory(IndexedReader):
         """
         self._require_writable("retag checkpoints")
         state = self._index()
-        new_tags = self._checked_tags(tags, {entry.name for entry in state.entries})
+        new_tags = checked_tags(self.path, tags, {entry.name for entry in state.entries})
         updated = [dataclasses.replace(entry, tags=new_tags.get(entry.name, entry.tags)) for entry in state.entries]
         if updated != state.entries:
             self._write(updated, state.pending, state)
