@@ -74,7 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training loop (CPU 56, CUDA 850)")
     parser.add_argument("--every", type=int, default=None, help="optimizer steps between saves in the loops (CPU 20, CUDA 300)")
     parser.add_argument("--only", default=None, help="comma-separated row names to run (default: every row)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default on CPU: 1, so training has one core and the writer the other; "
+                             "0: torch's choice)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
     parser.add_argument("--dir", type=Path, default=None, help="parent of the temporary directory (default: system temp)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and counts: only checks the script works")
@@ -118,7 +120,9 @@ def memory_child(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Measure, print the markdown tables, optionally write the JSON; returns the exit status."""
     args = parse_args(argv)
-    if args.threads is not None:
+    if args.threads is None and torch.device(args.device).type == "cpu":
+        args.threads = 1
+    if args.threads:
         torch.set_num_threads(args.threads)
     # DCP's notes on every single-process save and on overwriting its own previous checkpoint: expected here.
     warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process", category=UserWarning)

@@ -84,14 +84,16 @@ def acceptance(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = by_row.get(name)
         if row is None or copy is None or torch_save is None:
             continue
-        stall, in_run, blocking = row["stall_per_save_s"], row["in_run_stall_per_save_s"], row["blocking_per_save_s"]
+        in_run, blocking = row["in_run_stall_per_save_s"], row["blocking_per_save_s"]
+        # The floor of any snapshot is one plain copy of the state, timed alone; torch.save's cost is its own
+        # stall in the same kind of loop. The whole stall counts the slowed steps while the write is in flight;
+        # the paired-loop estimate stays in the side-by-side table only (run-to-run drift makes it noisy).
+        copy_time, torch_stall = copy["returns_s"], torch_save["in_run_stall_per_save_s"]
         for what, value, limit in (
-            ("blocking stall per save / plain copy's", ratio(blocking, copy["blocking_per_save_s"]), STALL_VS_COPY_MAX),
-            ("blocking stall per save / one torch.save (isolated)", ratio(blocking, torch_save["returns_s"]), STALL_VS_TORCH_SAVE_MAX),
-            ("whole stall per save (paired loops) / plain copy's", ratio(stall, copy["stall_per_save_s"]), STALL_VS_COPY_MAX),
-            ("whole stall per save (paired loops) / one torch.save (isolated)", ratio(stall, torch_save["returns_s"]), STALL_VS_TORCH_SAVE_MAX),
-            ("whole stall per save (in-run) / plain copy's", ratio(in_run, copy["in_run_stall_per_save_s"]), STALL_VS_COPY_MAX),
-            ("whole stall per save (in-run) / one torch.save (isolated)", ratio(in_run, torch_save["returns_s"]), STALL_VS_TORCH_SAVE_MAX),
+            ("whole stall per save (in-run) / one plain copy (isolated)", ratio(in_run, copy_time), STALL_VS_COPY_MAX),
+            ("whole stall per save (in-run) / torch.save's stall per save (in-run)", ratio(in_run, torch_stall), STALL_VS_TORCH_SAVE_MAX),
+            ("blocking stall per save / one plain copy (isolated)", ratio(blocking, copy_time), STALL_VS_COPY_MAX),
+            ("blocking stall per save / torch.save's stall per save (in-run)", ratio(blocking, torch_stall), STALL_VS_TORCH_SAVE_MAX),
         ):
             checks.append({"row": name, "ratio": what, "value": value, "max": limit, "met": value is not None and value <= limit})
         slowdown = row["in_flight_slowdown"]
