@@ -36,6 +36,11 @@ ERROR_WAIT_S = 300.0
 """How long a failing run waits for the background write in flight before it lets the error go on."""
 
 
+def _kept(directory: CheckpointDirectory) -> list[Kept]:
+    """The directory's indexed checkpoints as the rotation policy ranks them."""
+    return [Kept(e.name, e.step, e.metric) for e in directory.entries()]
+
+
 def _check_every(every_steps: Any) -> int | None:
     if every_steps is None:
         return None
@@ -262,7 +267,7 @@ class CheckpointRotation(Handler):
 
     def _would_keep(self, metric: float) -> bool:
         self._settle()
-        return self.policy.would_keep([Kept(e.name, e.step, e.metric) for e in self._open().entries()], metric)
+        return self.policy.would_keep(_kept(self._open()), metric)
 
     # -- saving ------------------------------------------------------------
     def save_now(self, engine: Engine, reason: str) -> bool:
@@ -300,7 +305,7 @@ class CheckpointRotation(Handler):
         self._settle(back_pressure=not keep_at_least_one)
         state.checkpoint_waits = self.waits
         directory = self._open()
-        kept = [Kept(e.name, e.step, e.metric) for e in directory.entries()]
+        kept = _kept(directory)
         name = directory.next_name(state.optimizer_steps)  # never an existing or former name
         new = Kept(name, state.optimizer_steps, metric)
         policy = replace(self.policy, keep_last=max(1, self.policy.keep_last)) if keep_at_least_one else self.policy
@@ -368,7 +373,7 @@ class CheckpointRotation(Handler):
         """The best kept checkpoint: {name, path, step, metric}, or None."""
         self._settle()
         directory = self.directory or CheckpointDirectory(self.dirname, read_only=True)
-        ranked = self.policy.ranked([Kept(e.name, e.step, e.metric) for e in directory.entries()])
+        ranked = self.policy.ranked(_kept(directory))
         if not ranked:
             return None
         top = ranked[0]

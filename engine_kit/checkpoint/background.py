@@ -193,10 +193,6 @@ class BackgroundSaves:
                 "CheckpointRotation: a larger every_steps) or to a faster disk.", job.path, waited_s, self.waits, self.waited_s,
             )
 
-    def close(self) -> None:
-        """Settle the save in flight (the same as :meth:`settle`; kept for symmetry with a directory)."""
-        self.settle()
-
 
 def write_failure(path: str, error: BaseException) -> CheckpointWriteError:
     """The training thread's error for a background write of ``path`` that raised ``error``."""

@@ -9,6 +9,8 @@ same things on the calling thread.
 (('last',), 0.5, None)
 >>> checked_folder("branched-from-step00000100")
 'branched-from-step00000100'
+>>> check_count("step", 3)
+3
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from engine_kit.checkpoint.registry import CHECKPOINT_SUFFIX, validate_name
-from engine_kit.checkpoint.repair_report import check_count
 from engine_kit.errors import fix_message
+
+
+def check_count(key: str, value: object) -> int:
+    """``value`` when it is an integer >= 0 (a step, an epoch), else ValueError naming ``key``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(fix_message(f"{key}={value!r} is not an integer >= 0.", f"pass the engine's {key} count."))
+    return value
 
 
 def checked_record(

@@ -54,12 +54,12 @@ from typing import Any
 
 from engine_kit.checkpoint.async_commit import AsyncCommits, PendingCommit
 from engine_kit.checkpoint.atomic import fsync_directory, probe_writable, sweep_stale_temps
-from engine_kit.checkpoint.commit_args import checked_folder, checked_names, checked_record, checked_tags
+from engine_kit.checkpoint.commit_args import check_count, checked_folder, checked_names, checked_record, checked_tags
 from engine_kit.checkpoint.fileformat import save_checkpoint_file
 from engine_kit.checkpoint.index import IndexState
 from engine_kit.checkpoint.lock import DirectoryLock
 from engine_kit.checkpoint.reader import IndexedReader
-from engine_kit.checkpoint.repair_report import RepairReport, check_count as _check_count
+from engine_kit.checkpoint.repair_report import RepairReport
 from engine_kit.checkpoint.record import CheckpointRecord
 from engine_kit.checkpoint.registry import RegistryEntry
 from engine_kit.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError, fix_message
@@ -194,7 +194,7 @@ class CheckpointDirectory(IndexedReader):
         Raises:
             ValueError: ``step`` is not an integer >= 0.
         """
-        _check_count("step", step)
+        check_count("step", step)
         state = self._index()
         taken = {entry.name for entry in state.entries}
         order = state.next_order
@@ -342,11 +342,10 @@ class CheckpointDirectory(IndexedReader):
             CheckpointCorruptError: a name is not a regular file.
         """
         self._require_writable("set checkpoints aside")
-        wanted = [names] if isinstance(names, str) else list(names)
         checked_folder(folder)
         state = self._index()
         entries = {entry.name: entry for entry in state.entries}
-        checked_names(self.path, wanted, set(entries))
+        wanted = checked_names(self.path, names, set(entries))
         target = os.path.join(self.path, folder)
         os.makedirs(target, exist_ok=True)
         moved = []

@@ -1,10 +1,8 @@
-"""What repairing a checkpoint directory found, and the count check its methods share."""
+"""What repairing a checkpoint directory found."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
-
-from engine_kit.errors import fix_message
 
 
 class RepairReport(NamedTuple):
@@ -28,13 +26,3 @@ class RepairReport(NamedTuple):
     rebuilt_because: str | None = None
     set_aside: dict[str, str] = {}
 
-
-def check_count(key: str, value: object) -> int:
-    """``value`` when it is an integer >= 0 (a step, an epoch), else ValueError naming ``key``.
-
-    >>> check_count("step", 3)
-    3
-    """
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(fix_message(f"{key}={value!r} is not an integer >= 0.", f"pass the engine's {key} count."))
-    return value
