@@ -46,12 +46,17 @@ _ITERATION_COMPLETED = Events.ITERATION_COMPLETED
 _DATALOADER_STOP_ITERATION = Events.DATALOADER_STOP_ITERATION
 
 
-def _fire(engine: Engine, event: Any, dispatch_all: bool) -> None:
-    """Dispatch ``event`` if a handler listens (or ``dispatch_all``), else only record it as the last event."""
+def _fire(engine: Engine, event: Any, dispatch_all: bool) -> bool:
+    """Dispatch ``event`` if a handler listens (or ``dispatch_all``), else only record it as the last event.
+
+    Returns whether a terminate/interrupt flag is up: only then has the caller
+    ``_maybe_terminate_or_interrupt`` to run (with every flag down it does nothing).
+    """
     if dispatch_all or engine._event_handlers.get(event):
         engine._fire_event(event)
     else:
         engine.last_event_name = event
+    return engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt
 
 
 def _warn_data_exhausted(state: State) -> None:
@@ -82,13 +87,8 @@ def run_epoch(engine: Engine, own_fire_event: Callable) -> Generator[State, None
             raise RuntimeError(
                 "Internal error, self._dataloader_iter is None. Please, file an issue if you encounter this error."
             )
-        # The per-iteration events are written out below rather than through _fire: on a host-bound
-        # model each Python call here is a measurable share of the step. Each one dispatches the
-        # event if a handler listens, else records it as the last event; each flag test stands for
-        # _maybe_terminate_or_interrupt, which does nothing while its three flags are down.
         while True:
             state = engine.state
-            handlers = engine._event_handlers
             state.batch = None
             has_loader = state.dataloader is not None  # run(data=None): no batch events at all
             try:
@@ -97,21 +97,13 @@ def run_epoch(engine: Engine, own_fire_event: Callable) -> Generator[State, None
                 # identity, the previous iteration's last one.)
                 last = engine.last_event_name
                 if has_loader and (last is _ITERATION_COMPLETED or last != _DATALOADER_STOP_ITERATION):
-                    if dispatch_all or handlers.get(_GET_BATCH_STARTED):
-                        engine._fire_event(_GET_BATCH_STARTED)
-                    else:
-                        engine.last_event_name = _GET_BATCH_STARTED
-                    if engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt:
+                    if _fire(engine, _GET_BATCH_STARTED, dispatch_all):
                         yield from engine._maybe_terminate_or_interrupt()
                 state.batch = next(engine._dataloader_iter)
                 # Reset on purpose: an iterable loader's last output must not leak into this iteration.
                 state.output = None
                 if has_loader:
-                    if dispatch_all or handlers.get(_GET_BATCH_COMPLETED):
-                        engine._fire_event(_GET_BATCH_COMPLETED)
-                    else:
-                        engine.last_event_name = _GET_BATCH_COMPLETED
-                    if engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt:
+                    if _fire(engine, _GET_BATCH_COMPLETED, dispatch_all):
                         yield from engine._maybe_terminate_or_interrupt()
                 iter_counter += 1
                 retried_loader = False
@@ -127,26 +119,17 @@ def run_epoch(engine: Engine, own_fire_event: Callable) -> Generator[State, None
                         _warn_data_exhausted(state)
                     break
                 if has_loader:
-                    _fire(engine, _DATALOADER_STOP_ITERATION, dispatch_all)
-                    if engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt:
+                    if _fire(engine, _DATALOADER_STOP_ITERATION, dispatch_all):
                         yield from engine._maybe_terminate_or_interrupt()
                 engine._setup_dataloader_iter()
                 retried_loader = True
                 continue
 
             state.iteration += 1
-            if dispatch_all or handlers.get(_ITERATION_STARTED):
-                engine._fire_event(_ITERATION_STARTED)
-            else:
-                engine.last_event_name = _ITERATION_STARTED
-            if engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt:
+            if _fire(engine, _ITERATION_STARTED, dispatch_all):
                 yield from engine._maybe_terminate_or_interrupt()
             state.output = engine._process_function(engine, state.batch)
-            if dispatch_all or handlers.get(_ITERATION_COMPLETED):
-                engine._fire_event(_ITERATION_COMPLETED)
-            else:
-                engine.last_event_name = _ITERATION_COMPLETED
-            if engine.should_terminate or engine.should_terminate_single_epoch or engine.should_interrupt:
+            if _fire(engine, _ITERATION_COMPLETED, dispatch_all):
                 yield from engine._maybe_terminate_or_interrupt()
 
             if state.epoch_length is not None and iter_counter == state.epoch_length:
