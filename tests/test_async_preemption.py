@@ -33,13 +33,13 @@ from typing import Any
 
 import pytest
 
-from engine_kit.checkpoint import TEMP_PREFIX, CheckpointDirectory, verify_checkpoint_file
+from engine_kit.checkpoint import CheckpointDirectory, verify_checkpoint_file
 from handlers.preemption import PREEMPTED_EXIT_STATUS
-from tests.resume.fault_driver import shared_driver, shared_reference
+from tests.resume.fault_driver import shared_driver, shared_reference, temp_names as temps
+from tests.resume.train_script import COMPARED
 
 ROOT = Path(__file__).resolve().parents[1]
 Ask = Callable[..., dict[str, Any]]
-COMPARED = ("losses", "params", "optimizer", "scheduler", "lr", "optimizer_steps")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,6 @@ def ask() -> Ask:
 @pytest.fixture(scope="module")
 def reference() -> dict:
     return shared_reference(2)
-
-
-def temps(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX))
 
 
 def checkpoints(folder: Path) -> tuple[list[int], int]:

@@ -29,13 +29,12 @@ from typing import Any
 
 import pytest
 
-from engine_kit.checkpoint import LOCK_NAME, REGISTRY_NAME, TEMP_PREFIX, CheckpointDirectory, verify_checkpoint_file
-from tests.resume.train_script import train
-from tests.resume.fault_driver import shared_driver, shared_reference
+from engine_kit.checkpoint import LOCK_NAME, REGISTRY_NAME, CheckpointDirectory, verify_checkpoint_file
+from tests.resume.train_script import COMPARED, train
+from tests.resume.fault_driver import shared_driver, shared_reference, temp_names as temps
 from tests.resume.writer_faults import WRITER_THREAD
 
 Ask = Callable[..., dict[str, Any]]
-COMPARED = ("losses", "params", "optimizer", "scheduler", "lr", "optimizer_steps")
 EPOCHS = 2
 
 
@@ -67,10 +66,6 @@ def newest_step(folder: Path) -> int | None:
     entry, payload = found
     assert payload["trainer"]["iteration"] == entry.step  # accumulation 1: one optimizer step per iteration
     return entry.step
-
-
-def temps(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX))
 
 
 def rerun_and_compare(ask: Ask, folder: Path, reference: dict, **config: Any) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 
 from engine_kit import CheckpointWriteError, StepEvents, create_trainer
 from engine_kit.errors import HandlerError
@@ -45,6 +45,16 @@ def _run(folder: Path, *, async_save: bool, epochs: int = 3, resume: str | None 
     )
     trainer.run(regression_batches(8, 4), max_epochs=epochs)
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}, saved
+
+
+def _async_sgd_run(folder: Path, **rotation_options: object) -> tuple[Engine, CheckpointRotation]:
+    """A seeded SGD trainer on the small MLP with an asynchronous ``CheckpointRotation`` attached."""
+    torch.manual_seed(0)
+    model = mlp(in_features=2, out=1)
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
+    rotation = CheckpointRotation(folder, async_save=True, **rotation_options)
+    rotation.attach(trainer)
+    return trainer, rotation
 
 
 def _payloads(folder: Path) -> list[tuple[int, dict]]:
@@ -86,11 +96,7 @@ def test_a_failed_background_save_is_raised_on_the_training_thread(tmp_path: Pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(directory_module, "fsync_directory", failing)
-    torch.manual_seed(0)
-    model = mlp(in_features=2, out=1)
-    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
-    rotation = CheckpointRotation(tmp_path, every_steps=2, keep_last=1, async_save=True)
-    rotation.attach(trainer)
+    trainer, _ = _async_sgd_run(tmp_path, every_steps=2, keep_last=1)
     iterations: list[int] = []
     trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda engine: pytest.fail("a failed save was announced"))
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: iterations.append(e.state.iteration))
@@ -103,11 +109,7 @@ def test_a_failed_background_save_is_raised_on_the_training_thread(tmp_path: Pat
 
 
 def test_the_run_waits_for_the_pending_save_on_an_error(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = mlp(in_features=2, out=1)
-    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
-    rotation = CheckpointRotation(tmp_path, every_steps=1, keep_last=1, async_save=True)
-    rotation.attach(trainer)
+    trainer, rotation = _async_sgd_run(tmp_path, every_steps=1, keep_last=1)
 
     @trainer.on(Events.ITERATION_COMPLETED)  # after the rotation's handler: the step-1 save was just handed over
     def crash(engine: object) -> None:
@@ -264,11 +266,7 @@ def test_snapshot_buffers_are_reused_and_a_snapshot_is_not_disturbed_by_training
 def test_interrupt_and_keyboard_interrupt_wait_for_the_write_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_write = streaming_module.write_sealed
     monkeypatch.setattr(streaming_module, "write_sealed", lambda *args: (time.sleep(0.3), real_write(*args))[1])
-    torch.manual_seed(0)
-    model = mlp(in_features=2, out=1)
-    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
-    rotation = CheckpointRotation(tmp_path, every_steps=2, at_epoch_end=False, keep_last=5, async_save=True)
-    rotation.attach(trainer)
+    trainer, rotation = _async_sgd_run(tmp_path, every_steps=2, at_epoch_end=False, keep_last=5)
     announced: list[int] = []
     trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda e: announced.append(e.state.last_checkpoint_step))
 
@@ -386,11 +384,7 @@ def test_a_failed_write_during_a_failing_run_is_a_note_on_the_run_error(tmp_path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(streaming_module, "write_sealed", slow_failing_write)
-    torch.manual_seed(0)
-    model = mlp(in_features=2, out=1)
-    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss)
-    rotation = CheckpointRotation(tmp_path, every_steps=1, keep_last=1, async_save=True)
-    rotation.attach(trainer)
+    trainer, rotation = _async_sgd_run(tmp_path, every_steps=1, keep_last=1)
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def crash(engine: object) -> None:

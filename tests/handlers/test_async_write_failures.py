@@ -34,11 +34,10 @@ from engine_kit.checkpoint.commands import verify_command
 from engine_kit.errors import CheckpointWriteError, HandlerError
 from handlers.checkpoint import CheckpointRotation
 from tests.checkpoint.conftest import listing
-from tests.resume.train_script import train
+from tests.resume.train_script import COMPARED, train
 from tests.resume.fault_driver import shared_driver
 from tests.resume.writer_faults import WRITER_THREAD, break_after_save, pace_background_writes
 
-COMPARED = ("losses", "params", "optimizer", "scheduler", "lr", "optimizer_steps")
 EPOCHS = 2  # 24 optimizer steps: the failure at step 6, the rerun past an epoch end
 
 

@@ -18,7 +18,6 @@ import select
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +28,7 @@ from ignite.engine import Events
 from engine_kit.checkpoint import TEMP_PREFIX
 from engine_kit.errors import HandlerError
 from handlers.preemption import PREEMPTED_EXIT_STATUS
-from tests.resume.train_script import train
+from tests.resume.train_script import exit_child, train
 from tests.resume.writer_faults import break_after_save, install_fault, pace_background_writes
 
 def _child(request: dict[str, Any], beacon: int) -> int:
@@ -68,9 +67,14 @@ def _read_beacon(fd: int, timeout: float) -> bytes:
     return os.read(fd, 1) if ready else b""
 
 
+def temp_names(directory: str | Path) -> list[str]:
+    """The sorted names of the checkpoint temp files in ``directory``."""
+    return sorted(n for n in os.listdir(directory) if n.startswith(TEMP_PREFIX))
+
+
 def _temps(directory: str) -> list[str]:
     try:
-        return sorted(n for n in os.listdir(directory) if n.startswith(TEMP_PREFIX))
+        return temp_names(directory)
     except FileNotFoundError:
         return []
 
@@ -94,15 +98,7 @@ def run_request(request: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     if pid == 0:
         os.close(beacon_r)
         os.dup2(2, 1)  # the driver's stdout carries the replies: the run prints to stderr
-        status = 1
-        try:
-            status = _child(request, beacon_w)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+        exit_child(lambda: _child(request, beacon_w))
     os.close(beacon_w)
     reply: dict[str, Any] = {"temps": [], "stalled": False}
     timeout = request.get("timeout", 120.0)

@@ -25,6 +25,8 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,9 @@ def signal_inside_commit(nth: int) -> None:
 CRASH_STATUS = 17
 """Exit status of a run stopped by an injected crash (``os._exit``)."""
 
+COMPARED = ("losses", "params", "optimizer", "scheduler", "lr", "optimizer_steps")
+"""The keys of ``train``'s result on which a resumed run must equal an uninterrupted one."""
+
 
 def crash_hooks(crash_at_iteration: int | None = None, crash_after_epoch: int | None = None) -> list:
     """Trainer hooks that kill the process with ``os._exit(CRASH_STATUS)`` after that iteration / epoch end."""
@@ -110,14 +115,28 @@ def _forked_run(case: dict, phase: str) -> int:
     pid = os.fork()
     if pid:
         return pid
+    exit_child(lambda: _run_phase(case, phase))
+
+
+def _run_phase(case: dict, phase: str) -> int:
+    """Run one phase of a matrix case here; 0 once its result is written, 1 for a crash phase that never crashed."""
+    hooks = crash_hooks(**case["crash"]) if phase == "crash" else []
+    result = train(case["dir"], resume="auto" if phase == "resume" else None, hooks=hooks, **case["config"])
+    if phase == "crash":  # a crash phase that gets here never crashed
+        return 1
+    with open(case["out"], "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def exit_child(body: Callable[[], int]) -> NoReturn:
+    """End a forked child with ``body()``'s status, or 1 after printing its traceback.
+
+    Both streams are flushed first: ``os._exit`` skips the interpreter's own clean-up.
+    """
     status = 1
     try:
-        hooks = crash_hooks(**case["crash"]) if phase == "crash" else []
-        result = train(case["dir"], resume="auto" if phase == "resume" else None, hooks=hooks, **case["config"])
-        if phase != "crash":  # a crash phase that gets here never crashed: status 1
-            with open(case["out"], "w") as f:
-                json.dump(result, f)
-            status = 0
+        status = body()
     except BaseException:
         traceback.print_exc()
     finally:
