@@ -17,7 +17,7 @@ class _StepOutputFields(NamedTuple):
 
 # Stands for "no norm" inside the tuple: ignite's utilities (apply_to_type, as in
 # TerminateOnNan) walk every field and cannot walk None; an empty tensor is finite.
-NO_NORM = torch.empty(0)
+_NO_NORM = torch.empty(0)
 _tuple_new = tuple.__new__
 
 
@@ -46,12 +46,12 @@ class StepOutput(_StepOutputFields):
         cls, loss: torch.Tensor, grad_norm: torch.Tensor | None, stepped: bool, num_samples: int | torch.Tensor
     ) -> "StepOutput":
         # tuple.__new__ directly: the NamedTuple's generated __new__ would add a Python call per micro-batch.
-        return _tuple_new(cls, (loss, NO_NORM if grad_norm is None else grad_norm, stepped, num_samples))
+        return _tuple_new(cls, (loss, _NO_NORM if grad_norm is None else grad_norm, stepped, num_samples))
 
     @property
     def grad_norm(self) -> torch.Tensor | None:  # type: ignore[override]
         norm = tuple.__getitem__(self, 1)
-        return None if norm is NO_NORM or norm.numel() == 0 else norm
+        return None if norm is _NO_NORM or norm.numel() == 0 else norm
 
 
 # Counters the trainer keeps on engine.state and saves with engine.state_dict().

@@ -17,10 +17,9 @@ from engine_kit.engine import fire_if_handled
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.precision import Precision
-from engine_kit.state import NO_NORM, StepOutput
+from engine_kit.state import StepOutput
 
 _BACKWARD_COMPLETED = StepEvents.BACKWARD_COMPLETED
-_new_tuple = tuple.__new__
 
 
 def _loss_problem(loss: Any) -> Exception | None:
@@ -194,8 +193,7 @@ class TrainStep:
             engine._fire_event(_BACKWARD_COMPLETED)
         if closes_window:
             return self._close_window(engine, loss.detach(), num_samples)
-        # StepOutput(loss, None, False, num_samples), built without its Python __new__.
-        return _new_tuple(StepOutput, (loss.detach(), NO_NORM, False, num_samples))
+        return StepOutput(loss.detach(), None, False, num_samples)
 
     def _forward_backward(self, x: Any, y: Any, num_samples: int | torch.Tensor) -> torch.Tensor:
         """Forward, loss and the weighted backward of one micro-batch; returns the (unweighted) loss."""

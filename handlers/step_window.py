@@ -171,12 +171,10 @@ class StepWindow:
             self._parts.append((loss, num_samples))
 
     def add_output(self, engine: Engine) -> None:
-        """Add the micro-batch in ``engine.state.output`` (``add``, written out: it runs every micro-batch)."""
-        state = engine.state
-        output = state.output
-        if output is not None and state.iteration != self._iteration:
-            self._iteration = state.iteration
-            self._parts.append((output.loss, output.num_samples))
+        """Add the micro-batch in ``engine.state.output``."""
+        output = engine.state.output
+        if output is not None:
+            self.add(engine.state.iteration, output.loss, output.num_samples)
 
     def capture_lrs(self, engine: Engine) -> None:
         """Keep the learning rates the coming optimizer step uses."""
