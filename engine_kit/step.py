@@ -19,8 +19,6 @@ from engine_kit.events import StepEvents
 from engine_kit.precision import Precision
 from engine_kit.state import StepOutput
 
-_BACKWARD_COMPLETED = StepEvents.BACKWARD_COMPLETED
-
 
 def _loss_problem(loss: Any) -> Exception | None:
     """What is wrong with ``loss`` as a training loss (not a tensor, not a scalar, no autograd), or None."""
@@ -189,8 +187,7 @@ class TrainStep:
                 loss = self._forward_backward(x, y, num_samples)
         state.window_position += 1
         self._window_samples = self._window_samples + num_samples
-        if engine._event_handlers.get(_BACKWARD_COMPLETED):  # fire_if_handled, without the call
-            engine._fire_event(_BACKWARD_COMPLETED)
+        fire_if_handled(engine, StepEvents.BACKWARD_COMPLETED)
         if closes_window:
             return self._close_window(engine, loss.detach(), num_samples)
         return StepOutput(loss.detach(), None, False, num_samples)
