@@ -23,7 +23,9 @@ def capture_rng_state() -> dict[str, Any]:
     version, mt_words, gauss_next = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
-        "python": {"version": version, "state": torch.tensor(mt_words, dtype=torch.int64), "gauss_next": gauss_next},
+        # Through numpy: building a tensor from 625 Python ints directly costs about 3x as much.
+        "python": {"version": version, "state": torch.from_numpy(np.fromiter(mt_words, np.int64, len(mt_words))),
+                   "gauss_next": gauss_next},
         "numpy": {
             "kind": np_kind,
             "keys": torch.from_numpy(np_keys.astype(np.int64)),

@@ -60,10 +60,13 @@ class StepLog(Handler):
     are written as ``NaN``/``Infinity``, which Python's ``json`` and pandas read.
 
     ``samples_per_s`` divides the window's samples by the wall time from the
-    moment its first batch was requested to its step. On a GPU the step is
-    asynchronous, so single values are launch rates; averages over many
-    steps are true rates. Attach StepLog before a step-triggered Validation,
-    or that validation's time is counted in the window.
+    previous window's step to its own (an epoch's first window: from the
+    epoch's start), so data waits and every handler that ran in between
+    count, as in any throughput measured step to step: a step-triggered
+    validation or a checkpoint's snapshot slows the window after it. It is
+    ``null`` for the first window after ``interrupt()``. On a GPU the step
+    is asynchronous, so single values are launch rates; averages over many
+    steps are true rates.
 
     Rows keep their values as device tensors until a flush reads them all
     with one transfer: every ``flush_every`` steps, at each epoch end and
@@ -116,7 +119,9 @@ class StepLog(Handler):
         step = getattr(trainer, "step", None)
         if step is not None:
             step.track_grad_norm = True  # the step computes the norm only when a handler reads it
-        trainer.add_event_handler(Events.GET_BATCH_STARTED, self._start_clock)
+        # The clock runs from step to step: no handler on every micro-batch's fetch.
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._start_clock)
+        trainer.add_event_handler(Events.INTERRUPT, self._stop_clock)
         if self._enabled:
             self._window = StepWindow.of(trainer)
         trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self, False)
@@ -127,16 +132,19 @@ class StepLog(Handler):
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
         register_stateful(trainer, "step_log", self)
 
-    def _start_clock(self, engine: Engine) -> None:
-        if self._window_start is None and engine.state.window_position == 0:
-            self._window_start = time.perf_counter()
+    def _start_clock(self) -> None:
+        self._window_start = time.perf_counter()
+
+    def _stop_clock(self) -> None:
+        self._window_start = None  # the time until the next run() is nobody's window
 
     def __call__(self, engine: Engine, skipped: bool = False) -> None:
         """Buffer this step's row with its values still on the device; flush when full."""
         if not self._enabled:
             return
         state = engine.state
-        start, self._window_start = self._window_start, None
+        now = time.perf_counter()
+        start, self._window_start = self._window_start, now  # this step ends one window and starts the next
         # The step's own tensors, not copies: the step hands out fresh ones each time.
         self._pending.append((
             state.optimizer_steps,
@@ -146,7 +154,7 @@ class StepLog(Handler):
             state.output.grad_norm,
             getattr(getattr(engine, "step", None), "max_grad_norm", None),
             skipped,
-            None if start is None else time.perf_counter() - start,
+            None if start is None else now - start,
             time.time(),
         ))
         if len(self._pending) >= self.flush_every:

@@ -290,8 +290,8 @@ class CheckpointDirectory(IndexedReader):
                     "check the filesystem for I/O errors, then save again.",
                 )
             ) from exc
-        for doomed_name in doomed:
-            self._unlink_regular(doomed_name)  # a lost unlink is finished at the next open (pending in the index)
+        # A lost unlink is finished at the next open (pending in the index).
+        self._forget_pending([doomed_name for doomed_name in doomed if self._unlink_regular(doomed_name)])
         return entry
 
     def remove(self, names: Iterable[str]) -> list[str]:

@@ -113,6 +113,18 @@ class IndexedReader:
         fingerprint = self._fingerprint(state.entries)
         self._cached = None if fingerprint is None else (fingerprint, state)
 
+    def _forget_pending(self, deleted: list[str]) -> None:
+        """This instance just unlinked ``deleted`` (pending in its index): keep the cached index valid without them.
+
+        The unlinks change the directory's fingerprint; re-reading the index
+        for that (its registry and every listed file's record) would only find
+        what is known here: the same entries, minus the deleted pending names.
+        """
+        if not deleted or self._cached is None:
+            return
+        state = self._cached[1]
+        self._remember(state._replace(pending=[name for name in state.pending if name not in deleted]))
+
     def _stat_adopted(self, state: IndexState) -> dict[str, tuple[int, int, RegistryEntry]]:
         adopted = {}
         for entry in state.entries:

@@ -45,6 +45,8 @@ import torch
 _MAPPINGS = (dict, collections.OrderedDict, collections.Counter)
 _SEQUENCES = (list, tuple, set)
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
+# Kept as they are without a call: most of a training state's leaves (counters, names, flags).
+_ATOMS = frozenset({int, float, str, bool, type(None)})
 
 
 def _plain(tensor: torch.Tensor) -> bool:
@@ -88,6 +90,8 @@ class SnapshotBuffers:
     def __init__(self, *, pin_memory: bool | None = None) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._buffers: list[torch.UntypedStorage] = []
+        # Whether each buffer is pinned, kept here: a storage's is_pinned() builds a tensor to ask.
+        self._pinned: list[bool] = []
         self.allocations = 0  # buffers allocated so far (stays put once the layout is stable)
 
     @property
@@ -118,7 +122,7 @@ class SnapshotBuffers:
         pinned = self.pin_memory and source.device.type == "cuda"
         if slot < len(self._buffers):
             buffer = self._buffers[slot]
-            if buffer.nbytes() == source.nbytes() and buffer.is_pinned() == pinned:
+            if buffer.nbytes() == source.nbytes() and self._pinned[slot] == pinned:
                 return buffer
         buffer = torch.UntypedStorage(source.nbytes(), device="cpu")
         if pinned:
@@ -126,8 +130,10 @@ class SnapshotBuffers:
         self.allocations += 1
         if slot < len(self._buffers):
             self._buffers[slot] = buffer
+            self._pinned[slot] = pinned
         else:
             self._buffers.append(buffer)
+            self._pinned.append(pinned)
         return buffer
 
 
@@ -157,8 +163,9 @@ class _Capture:
         elif kind in _MAPPINGS:
             copy = kind()
             self.memo[id(value)] = copy  # before the items: a container may contain itself
+            atoms = _ATOMS
             for key, item in value.items():
-                copy[key] = self.value(item)
+                copy[key] = item if type(item) in atoms else self.value(item)
             if getattr(value, "__dict__", None):
                 copy.__dict__.update(value.__dict__)  # a state dict's _metadata
         elif kind is list:
@@ -176,17 +183,18 @@ class _Capture:
             return tensor
         buffer = self.storages.get(storage._cdata)
         if buffer is None:
-            buffer = self.buffers._buffer(len(self.storages), storage)
+            slot = len(self.storages)
+            buffer = self.buffers._buffer(slot, storage)
             self.storages[storage._cdata] = buffer
-            if storage.nbytes():
+            nbytes = storage.nbytes()
+            if nbytes:
                 cuda = storage.device.type == "cuda"
-                source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-                target = torch.empty(0, dtype=torch.uint8).set_(buffer)
-                target.copy_(source, non_blocking=cuda and buffer.is_pinned())
-                self.copied_bytes += storage.nbytes()
+                # Storage to storage, byte for byte; from CUDA into a pinned buffer it is queued, not waited for.
+                buffer.copy_(storage, non_blocking=cuda and self.buffers._pinned[slot])
+                self.copied_bytes += nbytes
                 if cuda:
                     self.cuda_devices.add(storage.device)
         view = torch.empty(0, dtype=tensor.dtype).set_(buffer, tensor.storage_offset(), tensor.size(), tensor.stride())
         if type(tensor) is torch.nn.Parameter:
             return torch.nn.Parameter(view, requires_grad=tensor.requires_grad)
-        return view.requires_grad_(tensor.requires_grad) if tensor.is_floating_point() or tensor.is_complex() else view
+        return view.requires_grad_() if tensor.requires_grad else view

@@ -282,3 +282,30 @@ def test_tensorboard_and_step_log_share_one_window(tmp_path):
     assert [(r["step"], r["loss"]) for r in rows] == [(s, pytest.approx(v, rel=1e-6)) for s, v in found["train/loss"]]
     assert [r["lr"] for r in rows] == pytest.approx([lrs[0] for lrs in truth["lrs"]])
     assert [v for _, v in found["lr/group0"]] == pytest.approx([lrs[0] for lrs in truth["lrs"]])
+
+
+def test_samples_per_s_is_timed_from_step_to_step_and_unknown_after_an_interrupt(tmp_path) -> None:
+    _, _, trainer = make(accumulation=1)
+    path = tmp_path / "steps.jsonl"
+    StepLog(path, flush_every=1).attach(trainer)
+    batches = regression_batches(24, batch_size=4)
+    pause_s = 0.05
+
+    # Work done between two steps (here a slow handler after step 2) belongs to the next window.
+    @trainer.on(Events.ITERATION_COMPLETED(once=2))
+    def slow_handler() -> None:
+        import time
+
+        time.sleep(pause_s)
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=4))
+    def pause_the_run() -> None:
+        trainer.interrupt()
+
+    trainer.run(batches, max_epochs=1)
+    trainer.run(batches, max_epochs=1)  # resumes after the interrupt
+    rows = read_step_log(path)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[2]["samples_per_s"] <= 4 / pause_s  # window 3 includes the slow handler
+    assert rows[4]["samples_per_s"] is None  # the first window after interrupt(): no start to time from
+    assert all(rows[i]["samples_per_s"] > 4 / pause_s for i in (0, 1, 3, 5))
