@@ -3,24 +3,30 @@
 tensorboardX's ``add_scalar`` puts every value through a multiprocessing queue
 (~45 µs each); logging a step's loss and learning rates that way costs more
 than a small model's whole training step. Here a flush encodes each step's
-scalars as one ``Event`` protobuf by hand (a test checks the bytes equal the
-protobuf library's), frames them as TFRecords with masked CRC-32C (checked
-against tensorboardX's) and appends them to the writer's open event file under
-its lock in one write. A writer that is not a tensorboardX ``SummaryWriter``
-(or whose internals differ) gets plain ``add_scalar`` calls instead.
+scalars as one ``Event`` protobuf by hand, and any histograms after them
+(``handlers.event_encoding``: tests check the bytes equal the protobuf
+library's and tensorboardX's), frames them as TFRecords with masked CRC-32C
+(``handlers.record_crc``, checked against tensorboardX's) and appends them to
+the writer's open event file under its lock in one write. A writer that is
+not a tensorboardX ``SummaryWriter`` (or whose internals differ) gets plain
+``add_scalar``/``add_histogram`` calls instead.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 import time
 from typing import Any, Sequence
 
 import torch
 
+from handlers.event_encoding import BucketEdges, histogram_event, scalar_event
+from handlers.record_crc import masked_crc32c
+
 # (optimizer step, wall time, [(tag, value), ...]): the scalars of one TensorBoard event.
 ScalarRow = tuple[int, float, Sequence[tuple[str, float]]]
+# (optimizer step, wall time, tag, values, bins): one histogram event.
+HistogramRow = tuple[int, float, str, Sequence[float], Any]
 
 
 def write_scalars(writer: Any, rows: Sequence[ScalarRow]) -> None:
@@ -42,96 +48,66 @@ def write_scalars(writer: Any, rows: Sequence[ScalarRow]) -> None:
     train/loss 0.5 1
     lr/group0 0.1 1
     """
-    if not rows:
-        return
-    events_writer = _events_writer(writer)
-    if events_writer is None:
-        for step, _, values in rows:
-            for tag, value in values:
-                writer.add_scalar(tag, value, step)
-        return
-    _append_records(events_writer, [scalar_event(step, wall_time, values) for step, wall_time, values in rows])
+    write_summaries(writer, rows)
 
 
 def write_histogram(writer: Any, tag: str, values: Sequence[float], step: int, bins: str | int) -> None:
     """``writer.add_histogram(tag, values, step, bins=bins)``, written to a SummaryWriter like ``write_scalars``."""
+    write_summaries(writer, (), [(step, time.time(), tag, values, bins)])
+
+
+def write_summaries(writer: Any, scalars: Sequence[ScalarRow], histograms: Sequence[HistogramRow] = ()) -> None:
+    """Write scalar rows (as ``write_scalars``) and then histograms, in one file write.
+
+    A histogram row is ``(step, wall_time, tag, values, bins)``, with ``bins``
+    as ``SummaryWriter.add_histogram`` takes it ('tensorflow' for the writer's
+    fixed bucket edges, another numpy binning name, or a number of bins) and
+    ``values`` finite. A histogram none of whose values lies within the
+    'tensorflow' edges (beyond ±1e20) is left out: tensorboardX would raise.
+    Writers other than a plain SummaryWriter get ``add_scalar`` and
+    ``add_histogram`` calls, as in ``write_scalars``.
+
+    >>> class Printer:
+    ...     def add_scalar(self, tag, value, step):
+    ...         print(tag, value, step)
+    ...     def add_histogram(self, tag, values, step, bins):
+    ...         print(tag, values.tolist(), step, bins)
+    >>> write_summaries(Printer(), [(2, 0.0, [("norm", 0.5)])], [(2, 0.0, "norms", [0.5, 0.25], 3)])
+    norm 0.5 2
+    norms [0.5, 0.25] 2 3
+    """
+    if not scalars and not histograms:
+        return
     events_writer = _events_writer(writer)
     if events_writer is None:
-        writer.add_histogram(tag, torch.tensor(values), step, bins=bins)
+        for step, _, values in scalars:
+            for tag, value in values:
+                writer.add_scalar(tag, value, step)
+        for step, _, tag, points, bins in histograms:
+            writer.add_histogram(tag, torch.tensor(points), step, bins=bins)
         return
-    import numpy as np
-    from tensorboardX.proto.event_pb2 import Event
-    from tensorboardX.summary import histogram
-
-    if bins == "tensorflow":  # the SummaryWriter's fixed bucket edges, converted to numpy once
-        global _TENSORFLOW_BINS
-        if _TENSORFLOW_BINS is None:
-            _TENSORFLOW_BINS = np.asarray(writer.default_bins, dtype=float)
-        bins = _TENSORFLOW_BINS
-    summary = histogram(tag, np.asarray(values, dtype=float), bins)
-    _append_records(events_writer, [Event(step=step, wall_time=time.time(), summary=summary).SerializeToString()])
+    records = [scalar_event(step, wall_time, values) for step, wall_time, values in scalars]
+    for step, wall_time, tag, points, bins in histograms:
+        if isinstance(bins, str) and bins == "tensorflow":
+            bins = _tensorflow_edges(writer.default_bins)
+        record = histogram_event(step, wall_time, tag, points, bins)
+        if record is not None:
+            records.append(record)
+    if records:
+        _append_records(events_writer, records)
 
 
-_TENSORFLOW_BINS: Any = None
+def _tensorflow_edges(default_bins: Sequence[float]) -> BucketEdges:
+    """``SummaryWriter.default_bins`` as ``BucketEdges``, converted once (every writer has the same list)."""
+    global _TENSORFLOW_EDGES
+    cached = _TENSORFLOW_EDGES
+    if cached is None or (cached[0] is not default_bins and cached[0] != default_bins):
+        cached = (default_bins, BucketEdges(default_bins))
+    _TENSORFLOW_EDGES = (default_bins, cached[1])  # the next call of this writer compares identities only
+    return cached[1]
 
 
-def scalar_event(step: int, wall_time: float, values: Sequence[tuple[str, float]]) -> bytes:
-    """The serialized ``Event(step, wall_time, summary=Summary(value=[Value(tag, simple_value), ...]))``.
-
-    Encoded by hand, byte for byte what protobuf writes, in a third of the
-    time it takes to build the messages (tags cleaned as tensorboardX does).
-
-    >>> from tensorboardX.proto.event_pb2 import Event
-    >>> event = Event.FromString(scalar_event(7, 1.5, [("train/loss", 0.25)]))
-    >>> event.step, event.wall_time, event.summary.value[0].tag, event.summary.value[0].simple_value
-    (7, 1.5, 'train/loss', 0.25)
-    """
-    prefixes = _VALUE_PREFIXES
-    try:
-        summary = b"".join([(prefixes.get(tag) or _value_prefix(tag)) + _FLOAT(value) for tag, value in values])
-    except OverflowError:  # beyond float32: protobuf stores an infinity
-        summary = b"".join([_value_prefix(tag) + _float32(value) for tag, value in values])
-    head = b"\x09" + _DOUBLE(wall_time) if wall_time else b""  # proto3 leaves out zeros
-    if step:
-        head += b"\x10" + _varint(step)
-    return head + b"\x2a" + _varint(len(summary)) + summary
-
-
-_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
-_DOUBLE = struct.Struct("<d").pack
-_FLOAT = struct.Struct("<f").pack
-_VALUE_PREFIXES: dict[str, bytes] = {}
-
-
-def _value_prefix(tag: str) -> bytes:
-    """A ``Summary.value`` entry up to its float: field 1 (length), ``tag`` (field 1), field 2's key."""
-    prefix = _VALUE_PREFIXES.get(tag)
-    if prefix is None:
-        from tensorboardX.summary import _clean_tag
-
-        name = _clean_tag(tag).encode("utf-8")
-        entry = b"\x0a" + _varint(len(name)) + name + b"\x15"
-        prefix = _VALUE_PREFIXES[tag] = b"\x0a" + _varint(len(entry) + 4) + entry
-    return prefix
-
-
-def _float32(value: float) -> bytes:
-    try:
-        return _FLOAT(value)
-    except OverflowError:
-        return _FLOAT(math.copysign(math.inf, value))
-
-
-def _varint(n: int) -> bytes:
-    if 0 <= n < 0x80:
-        return _ONE_BYTE[n]
-    n &= 0xFFFFFFFFFFFFFFFF  # int64 as protobuf writes it (a negative one takes 10 bytes)
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+_TENSORFLOW_EDGES: tuple[Sequence[float], BucketEdges] | None = None
 
 
 def write_purge_marker(writer: Any, step: int) -> None:
@@ -174,100 +150,16 @@ def _events_writer(writer: Any, *, marker: bool = False) -> Any:
 def _append_records(events_writer: Any, records: Sequence[bytes]) -> None:
     """Append serialized events as TFRecords (length, its CRC, data, its CRC) in a single file write."""
     headers = _HEADERS
-    for size in {len(record) for record in records} - headers.keys():
-        header = struct.pack("<Q", size)
-        headers[size] = header + struct.pack("<I", masked_crc32c([header])[0])
+    new_sizes = [size for size in {len(record) for record in records} if size not in headers]
+    new_headers = [struct.pack("<Q", size) for size in new_sizes]
+    crcs = masked_crc32c([*records, *new_headers])  # one pass for the records and any new length headers
     pack = _UINT32
-    data = b"".join([
-        headers[len(record)] + record + pack(crc) for record, crc in zip(records, masked_crc32c(records))
-    ])
+    for size, header, crc in zip(new_sizes, new_headers, crcs[len(records):]):
+        headers[size] = header + pack(crc)
+    data = b"".join([headers[len(record)] + record + pack(crc) for record, crc in zip(records, crcs)])
     with events_writer._lock:  # the lock tensorboardX's writer thread takes for each record
         events_writer._py_recordio_writer._writer.write(data)
 
 
 _HEADERS: dict[int, bytes] = {}  # record length -> the length and its CRC, as TFRecord writes them
 _UINT32 = struct.Struct("<I").pack
-
-
-def masked_crc32c(chunks: Sequence[bytes]) -> list[int]:
-    """The masked CRC-32C that TFRecord stores after each length and each record, for every chunk.
-
-    tensorboardX computes it in a Python loop over the bytes (~0.1 µs a byte
-    without the optional ``crc32c`` package); this computes a whole flush at once.
-
-    >>> from tensorboardX.record_writer import masked_crc32c as one
-    >>> masked_crc32c([b"123456789", b"x"]) == [one(b"123456789"), one(b"x")]
-    True
-    """
-    longest = max(map(len, chunks), default=0)
-    if not chunks or longest > _Crc32c.LONGEST or not all(chunks) or _native_crc():
-        from tensorboardX.record_writer import masked_crc32c as one
-
-        return [one(chunk) for chunk in chunks]
-    global _CRC32C
-    if _CRC32C is None:
-        _CRC32C = _Crc32c()
-    return _CRC32C.masked(chunks, longest)
-
-
-def _native_crc() -> bool:
-    """Whether tensorboardX computes CRCs with the compiled ``crc32c`` package."""
-    from tensorboardX import crc32c
-
-    return getattr(crc32c, "_crc32c_native", None) is not None
-
-
-class _Crc32c:
-    """CRC-32C of many byte strings at once, with numpy.
-
-    CRC is linear over GF(2): a message's CRC is the XOR of one table entry per
-    byte, looked up by the byte and its distance from the end of the message,
-    and of the CRC of as many zero bytes (which carries the initial value).
-    """
-
-    LONGEST = 4096  # longer records (an event with thousands of tags) use tensorboardX's loop
-    POLY = 0x82F63B78  # reflected Castagnoli polynomial
-
-    def __init__(self) -> None:
-        import numpy as np
-
-        self._np = np
-        byte = np.arange(256, dtype=np.uint32)
-        for _ in range(8):
-            byte = np.where(byte & 1, (byte >> 1) ^ np.uint32(self.POLY), byte >> 1)
-        self._byte = byte.tolist()
-        self._rows = [byte]  # _rows[d][b]: byte b followed by d zero bytes, from a zero register
-        self._table = byte[None, :]
-        self._zeros: dict[int, int] = {}
-
-    def _zeros_crc(self, n: int) -> int:
-        crc = self._zeros.get(n)
-        if crc is None:
-            register = 0xFFFFFFFF
-            for _ in range(n):
-                register = self._byte[register & 0xFF] ^ (register >> 8)
-            crc = self._zeros[n] = register ^ 0xFFFFFFFF
-        return crc
-
-    def masked(self, chunks: Sequence[bytes], longest: int) -> list[int]:
-        np = self._np
-        if longest > len(self._rows):
-            byte = self._rows[0]
-            while len(self._rows) < longest:
-                row = self._rows[-1]
-                self._rows.append(byte[row & 0xFF] ^ (row >> 8))
-            self._table = np.stack(self._rows)
-        lengths = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
-        ends = np.cumsum(lengths)
-        data = np.frombuffer(b"".join(chunks), dtype=np.uint8)
-        distance = np.repeat(ends - 1, lengths) - np.arange(int(ends[-1]))
-        crc = np.bitwise_xor.reduceat(self._table[distance, data], ends - lengths)
-        zeros = self._zeros
-        crc ^= np.array([zeros[n] if n in zeros else self._zeros_crc(n) for n in lengths.tolist()], dtype=np.uint32)
-        crc = crc.astype(np.uint64)
-        return ((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF).tolist()
-
-
-_CRC32C: _Crc32c | None = None  # built on first use: nothing happens at import
-
-

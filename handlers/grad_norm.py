@@ -15,7 +15,7 @@ from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful
 from handlers.base import Handler, check_positive_int, check_state_keys, require_step_events
 from handlers.step_window import fetch
-from handlers.event_file import write_histogram, write_scalars
+from handlers.event_file import write_summaries
 
 
 class NormWriter(Protocol):
@@ -51,8 +51,8 @@ class GradNormLogger(Handler):
             writes ``grad_norm/pre_clip`` for every step, then
             ``grad_norm/clipped_fraction`` (running) and ``grad_norm/histogram``
             (the finite norms of the flushed steps) at the last flushed step.
-            The scalars go in one event per step, in one file write
-            (``handlers.tensorboard.write_scalars``).
+            The scalars go in one event per step, and the histogram after them,
+            in one file write per flush (``handlers.event_file.write_summaries``).
         bins: the ``bins`` argument of ``writer.add_histogram`` (a numpy binning
             name or a positive number of bins).
 
@@ -98,9 +98,9 @@ class GradNormLogger(Handler):
         # (optimizer step, wall time, norm on the device, clip threshold at that step)
         self._pending: list[tuple[int, float, torch.Tensor, float | None]] = []
         self._norms: list[tuple[int, float]] = []
-        # The same history as float64 (step, norm) tensors, one per flush: state_dict joins them
-        # in C instead of converting every step seen so far from Python at each save.
-        self._norm_chunks: list[torch.Tensor] = []
+        # The first rows of _norms as a float64 (step, norm) tensor, extended by state_dict with
+        # only the rows added since: a save never converts the whole history from Python again.
+        self._norm_table = torch.zeros(0, 2, dtype=torch.float64)
         self._steps_seen = 0
         self._steps_clipped = 0
         self._flushes = 0
@@ -136,19 +136,16 @@ class GradNormLogger(Handler):
         values = fetch(list(tensors))  # the single host sync of this batch of steps
         self._pending.clear()
         self._flushes += 1
-        rows = list(zip(steps, values))
-        self._norms += rows
-        self._norm_chunks.append(torch.tensor(rows, dtype=torch.float64).reshape(-1, 2))
+        self._norms += zip(steps, values)
         self._steps_seen += len(values)
         # NaN compares False: a non-finite norm is logged but never counted as clipped.
         self._steps_clipped += sum(limit is not None and value > limit for value, limit in zip(values, limits))
         if self.writer is not None:
             rows = [(step, t, [("grad_norm/pre_clip", value)]) for step, t, value in zip(steps, times, values)]
             rows[-1][2].append(("grad_norm/clipped_fraction", self._clipped_fraction()))
-            write_scalars(self.writer, rows)
-            finite = [v for v in values if math.isfinite(v)]
-            if finite:  # numpy cannot bin NaN/inf
-                write_histogram(self.writer, "grad_norm/histogram", finite, steps[-1], self.bins)
+            finite = [v for v in values if math.isfinite(v)]  # numpy cannot bin NaN/inf
+            histogram = [(steps[-1], times[-1], "grad_norm/histogram", finite, self.bins)] if finite else []
+            write_summaries(self.writer, rows, histogram)  # one file write for the whole flush
 
     def _clipped_fraction(self) -> float:
         return self._steps_clipped / self._steps_seen if self._steps_seen else 0.0
@@ -196,10 +193,11 @@ class GradNormLogger(Handler):
                 [2.0000, 0.2500]], dtype=torch.float64)
         """
         self.flush()
-        if len(self._norm_chunks) > 1:
-            self._norm_chunks = [torch.cat(self._norm_chunks)]
-        norms = self._norm_chunks[0].clone() if self._norm_chunks else torch.zeros(0, 2, dtype=torch.float64)
-        return {"norms": norms, "steps_seen": self._steps_seen, "steps_clipped": self._steps_clipped}
+        tabled = len(self._norm_table)
+        if tabled < len(self._norms):
+            added = torch.tensor(self._norms[tabled:], dtype=torch.float64)
+            self._norm_table = torch.cat([self._norm_table, added])
+        return {"norms": self._norm_table.clone(), "steps_seen": self._steps_seen, "steps_clipped": self._steps_clipped}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         check_state_keys("GradNormLogger", self.state_keys, state_dict)
@@ -207,6 +205,6 @@ class GradNormLogger(Handler):
         norms = state_dict["norms"]
         rows = norms.tolist() if isinstance(norms, torch.Tensor) else norms  # a tensor, or the older list of pairs
         self._norms = [(int(step), float(value)) for step, value in rows]
-        self._norm_chunks = [torch.tensor(self._norms, dtype=torch.float64).reshape(-1, 2)]
+        self._norm_table = torch.tensor(self._norms, dtype=torch.float64).reshape(-1, 2)
         self._steps_seen = int(state_dict["steps_seen"])
         self._steps_clipped = int(state_dict["steps_clipped"])

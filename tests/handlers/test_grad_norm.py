@@ -141,6 +141,28 @@ def test_state_round_trips_and_includes_pending_values():
         restored.load_state_dict({**state, "extra": 1})
 
 
+def test_every_saved_state_holds_the_whole_history_saved_between_and_after_a_load():
+    trainer = make_trainer()
+    logger = GradNormLogger(flush_every=3)
+    logger.attach(trainer)
+    saved = []
+    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED(every=4), lambda: saved.append(logger.state_dict()))
+    trainer.run(regression_batches(40, 4), max_epochs=1)  # 10 steps: saves at 4 and 8, flushes in between
+    for state in saved:
+        expected = torch.tensor(logger.norms[: state["steps_seen"]], dtype=torch.float64)
+        assert torch.equal(state["norms"], expected)
+    saved[0]["norms"][0, 1] = -1.0  # a state is a copy: editing it leaves the logger alone
+    assert logger.state_dict()["norms"].tolist() == [[s, n] for s, n in logger.norms]
+    restored = GradNormLogger(flush_every=2)
+    restored.load_state_dict(saved[1])
+    other = make_trainer()
+    restored.attach(other)
+    other.run(regression_batches(12, 4), max_epochs=1)  # 3 more steps after the loaded history
+    after = restored.norms[8:]
+    assert len(after) == 3
+    assert restored.state_dict()["norms"].tolist() == [*saved[1]["norms"].tolist(), *[[s, n] for s, n in after]]
+
+
 def test_registers_for_checkpoints_and_refuses_a_second_attach():
     trainer = make_trainer()
     logger = GradNormLogger()

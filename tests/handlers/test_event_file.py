@@ -1,0 +1,100 @@
+"""Hand-encoded histogram events: the bytes tensorboardX and the protobuf library write, and one write per flush."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tensorboardX import SummaryWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.summary import histogram
+
+from handlers.event_encoding import BucketEdges, histogram_event
+from handlers.event_file import write_summaries
+
+
+def tensorflow_edges(tmp_path) -> list:
+    """A SummaryWriter's own 'tensorflow' bucket edges."""
+    writer = SummaryWriter(logdir=str(tmp_path))
+    writer.close()
+    return writer.default_bins
+
+
+def expected_event(step, wall_time, tag, values, bins) -> bytes:
+    return Event(step=step, wall_time=wall_time, summary=histogram(tag, np.asarray(values), bins)).SerializeToString()
+
+
+CASES = [
+    [0.75],  # one value
+    [3.0, 3.0, 3.0, 3.0],  # all equal
+    [0.0],
+    [-0.0, 0.0],
+    [-2.5, -1e-13, 1e-13, 0.0, 4.0],  # negative values, around the innermost edges
+    [1e-300, 5e-13, 2.0],  # below the smallest positive edge
+    [0.5, 1.25, 2.0, 7.0, 1e5, 3.3e-6] * 5,
+    list(np.random.default_rng(0).lognormal(0.0, 3.0, 64)),
+    list(np.random.default_rng(1).normal(0.0, 1e10, 25)),
+    [1e21, 2.0, -3e25],  # beyond the outermost edges (±9.9e19): in the stats, in no bucket
+]
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_tensorflow_bins_histogram_is_what_tensorboardx_writes(tmp_path, values):
+    edges = tensorflow_edges(tmp_path)
+    expected = expected_event(12, 1.7e9, "grad_norm/histogram", values, edges)
+    assert histogram_event(12, 1.7e9, "grad_norm/histogram", values, BucketEdges(edges)) == expected
+    assert histogram_event(12, 1.7e9, "grad_norm/histogram", values, edges) == expected
+
+
+@pytest.mark.parametrize("values", CASES)
+@pytest.mark.parametrize("bins", [1, 5, 30, "auto"])
+def test_integer_and_named_bins_histogram_is_what_tensorboardx_writes(values, bins):
+    expected = expected_event(3, 2.5, "h", values, bins)
+    assert histogram_event(3, 2.5, "h", values, bins) == expected
+
+
+def test_edges_on_bucket_boundaries_and_cleaned_tags_and_zero_step():
+    edges = [-1.0, 0.0, 0.0, 1.0, 2.0, 2.0]  # repeated edges: numpy's empty buckets
+    for values in ([-1.0, 0.0, 1.0, 2.0], [2.0], [-1.0], [0.0, 0.0], [-3.0, 1.0, 9.0]):
+        assert histogram_event(0, 0.0, "a b/(c)", values, edges) == expected_event(0, 0.0, "a b/(c)", values, edges)
+
+
+def test_nothing_within_the_edges_gives_no_event_where_tensorboardx_raises(tmp_path):
+    edges = tensorflow_edges(tmp_path)
+    with pytest.raises(ValueError):
+        histogram("h", np.array([1e21, -1e22]), edges)
+    assert histogram_event(1, 1.0, "h", [1e21, -1e22], edges) is None
+
+
+@pytest.mark.parametrize("values, match", [([], "no values"), ([1.0, float("nan")], "non-finite"),
+                                           ([float("inf")], "non-finite")])
+def test_bad_values_are_refused(values, match):
+    with pytest.raises(ValueError, match=match):
+        histogram_event(1, 1.0, "h", values, 5)
+
+
+@pytest.mark.parametrize("edges", [[1.0], [0.0, 2.0, 1.0]])
+def test_bad_edges_are_refused(edges):
+    with pytest.raises(ValueError, match="To fix"):
+        BucketEdges(edges)
+
+
+def test_scalars_and_histograms_of_a_flush_land_in_one_write_in_order(tmp_path, monkeypatch):
+    from tests.handlers.test_tensorboard import read_events
+
+    import handlers.event_file as event_file
+
+    writer = SummaryWriter(logdir=str(tmp_path))
+    appends = []
+    append = event_file._append_records
+    monkeypatch.setattr(
+        event_file, "_append_records", lambda ev, records: (appends.append(len(records)), append(ev, records))
+    )
+    scalars = [(1, 10.0, [("norm", 0.5)]), (2, 11.0, [("norm", 0.25), ("fraction", 0.5)])]
+    write_summaries(writer, scalars, [(2, 11.0, "norms", [0.5, 0.25], "tensorflow"), (2, 11.0, "far", [1e30, 2e30], 5)])
+    writer.close()
+    assert appends == [4]
+    events = [e for e in read_events(tmp_path) if e.HasField("summary")]
+    assert [(e.step, [v.tag for v in e.summary.value]) for e in events] == [
+        (1, ["norm"]), (2, ["norm", "fraction"]), (2, ["norms"]), (2, ["far"])
+    ]
+    assert events[2].SerializeToString() == expected_event(2, 11.0, "norms", [0.5, 0.25], writer.default_bins)
