@@ -218,10 +218,11 @@ class Doctor(Handler):
         if self.path is None or not self._reporting:
             return
         data = {"findings": [f.to_dict() for f in self.findings], "context": self._context()}
+        # Encoded whole, then one write: json.dump to a file would write it piece by piece.
+        text = json.dumps(data, indent=2, default=str) + "\n"
         temporary = f"{self.path}.tmp"
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
+        with open(temporary, "wb") as f:
+            f.write(text.encode("utf-8"))
         os.replace(temporary, self.path)
 
     # -- before the first step -------------------------------------------------

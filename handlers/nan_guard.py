@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
+from engine_kit.state import StepOutput
 from engine_kit.stateful import add_save_veto
 from handlers.base import Handler, check_positive_int
 
@@ -18,9 +20,11 @@ class NanGuard(Handler):
     Every iteration it keeps the micro-batch's loss (and, when the micro-batch
     closed a window that the optimizer stepped, the pre-clip gradient norm) as
     the step's own device tensors: no device op, no host sync. They are
-    checked together (one stack, one ``isfinite``, one transfer) every
+    checked together (one stack, one transfer of the stacked values) every
     ``check_every`` iterations, at the end of each epoch, at the end of the
-    run, and whenever a checkpoint handler asks the save veto. Attaching the
+    run, and whenever a checkpoint handler asks the save veto. Each value
+    keeps its iteration, so a non-finite loss at any micro-batch of a window
+    is named by its own iteration, however late the check that finds it. Attaching the
     guard to a trainer sets its step's ``track_grad_norm``, so the norm is
     there to check. On the first non-finite value it sets
     ``engine.state.nan_detected``, writes ``engine.state.stopped_by`` (naming
@@ -32,8 +36,14 @@ class NanGuard(Handler):
     GradScaler skipped (an infinite norm is how it detects overflow) are not
     counted: the scaler already handled them.
 
+    ``check_every`` counts iterations (micro-batches), not optimizer steps:
+    with gradient accumulation over ``k`` micro-batches, ``check_every=k * n``
+    checks every ``n`` optimizer steps (``attach_standard`` passes its
+    ``log_every`` steps this way). A longer cadence only delays the stop, never
+    a save's veto, which checks everything pending before each checkpoint.
+
     Args:
-        check_every: iterations (micro-batches) between two host reads of the flags.
+        check_every: iterations (micro-batches) between two host reads of the values.
 
     >>> import torch
     >>> from engine_kit import create_trainer
@@ -95,27 +105,31 @@ class NanGuard(Handler):
         # The veto may look at an iteration before ITERATION_COMPLETED does; the
         # output object itself tells whether it was already kept.
         if state.output is not self._last_output:
-            self._observe(state)
+            self._observe(state.output, state.iteration)
         if state.iteration % self.check_every == 0 or self._observed >= self.check_every:
             self.check(engine)
 
-    def _observe(self, state: Any) -> None:
-        output = self._last_output = state.output
-        loss = getattr(output, "loss", output)
-        if not isinstance(loss, torch.Tensor):
-            return  # an engine whose output carries no loss: nothing to guard
+    def _observe(self, output: Any, iteration: int) -> None:
+        self._last_output = output
+        if type(output) is StepOutput:  # the trainer's own output: its loss is already detached
+            loss = output.loss
+        else:
+            loss = getattr(output, "loss", output)
+            if not isinstance(loss, torch.Tensor):
+                return  # an engine whose output carries no loss: nothing to guard
+            if loss.requires_grad:
+                loss = loss.detach()
         self._observed += 1
         # References, not copies: the step hands out fresh tensors each time.
-        values, iterations, iteration = self._values, self._iterations, state.iteration
-        values.append(loss.detach() if loss.requires_grad else loss)
-        iterations.append(iteration)
+        self._values.append(loss)
+        self._iterations.append(iteration)
         # Only a micro-batch that closed a stepped window has a norm to keep: the cheap
         # field first, so the other micro-batches never reach the grad_norm property.
         if getattr(output, "stepped", True):
             norm = getattr(output, "grad_norm", None)
             if isinstance(norm, torch.Tensor):
-                values.append(norm)
-                iterations.append(iteration)
+                self._values.append(norm)
+                self._iterations.append(iteration)
 
     def check(self, engine: Engine) -> bool:
         """Read the pending flags (one host sync); stop ``engine`` on the first non-finite value.
@@ -123,8 +137,9 @@ class NanGuard(Handler):
         Returns:
             True once a non-finite value has been seen.
         """
-        if engine.state.output is not self._last_output:
-            self._observe(engine.state)
+        state = engine.state
+        if state.output is not self._last_output:
+            self._observe(state.output, state.iteration)
         if self._values:
             values, iterations = self._values, self._iterations
             self._values, self._iterations, self._observed = [], [], 0
@@ -153,13 +168,24 @@ class NanGuard(Handler):
 def _first_non_finite(values: list[torch.Tensor]) -> int | None:
     """The index of the first value holding a NaN or an infinity, with one host sync (None: all finite).
 
+    Scalars (the usual case) are stacked and read as they are: the host tests
+    the floats, so finding the first bad one costs no second device op.
+
     >>> _first_non_finite([torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(float("nan"))])
     1
+    >>> _first_non_finite([torch.ones(2), torch.tensor([0.0, float("nan")])]), _first_non_finite([torch.ones(2)])
+    (1, None)
     """
     try:
-        finite = torch.isfinite(torch.stack(values))
+        stacked = torch.stack(values)
     except RuntimeError:  # values of different shapes or devices: one check each
         return next((i for i, value in enumerate(values) if not bool(torch.isfinite(value).all())), None)
+    if stacked.dim() == 1 and stacked.is_floating_point():
+        host = stacked.tolist()  # the one host sync of this check
+        if all(map(math.isfinite, host)):
+            return None
+        return next(i for i, value in enumerate(host) if not math.isfinite(value))
+    finite = torch.isfinite(stacked)
     if finite.dim() > 1:
         finite = finite.flatten(1).all(dim=1)
     flags = finite.tolist()  # the one host sync of this check

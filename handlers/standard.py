@@ -90,7 +90,8 @@ def attach_standard(
         checkpoint_every_steps: "last" checkpoints every N optimizer steps (and at epoch end).
         keep_last, keep_best: rotation sizes.
         patience: early-stopping patience in validations (None: no early stopping).
-        log_every: optimizer steps between host reads of the logged tensors.
+        log_every: optimizer steps between host reads of the logged tensors and of the NaN
+            guard's values (``log_every * accumulation_steps`` micro-batches for ``NanGuard``).
         progress: show a tqdm bar.
         resume: "auto" (newest valid checkpoint in run_dir), a path, or None.
         train_data: the training dataset/loader, to warn when validation overlaps it.
@@ -127,7 +128,10 @@ def attach_standard(
     grad_norm.attach(trainer)
     step_log = StepLog(run_dir / "steps.jsonl", flush_every=log_every)
     step_log.attach(trainer)
-    nan_guard = NanGuard(check_every=log_every)
+    # NanGuard counts micro-batches: log_every optimizer steps' worth of them, so it reads at the
+    # loggers' cadence (its save veto still checks everything pending before each checkpoint).
+    accumulation = getattr(getattr(trainer, "step", None), "accumulation_steps", 1)
+    nan_guard = NanGuard(check_every=log_every * accumulation)
     nan_guard.attach(trainer)
     doctor_handler = None
     if doctor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -84,18 +84,33 @@ def shared_samples(train_data: Any, val_data: Any) -> int | None:
     return shared or None
 
 
+# Items are stacked for hashing in chunks of at most this many bytes (memory stays bounded).
+_CHUNK_BYTES = 16 << 20
+
+
+def _new_digest(tensor_shape: torch.Size) -> Any:
+    # SHA-256: collision resistant, and the fastest such hash where the CPU has SHA instructions.
+    return hashlib.sha256(str(tensor_shape).encode())
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> Any:
+    """The tensor's elements in C order as a buffer: no copy for a contiguous CPU tensor of a numpy dtype."""
+    tensor = tensor.detach()
+    try:
+        return np.ascontiguousarray(tensor.numpy())
+    except (TypeError, RuntimeError):  # on a device, or bf16: bytes through a copy (of the values, as stack makes)
+        return tensor.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def _item_digest(item: Any) -> bytes:
-    digest = hashlib.blake2b(digest_size=16)
+    """A digest of every tensor's shape and bytes and every other value's ``repr`` in ``item``, in order."""
+    digest = hashlib.sha256()
     stack = [item]
     while stack:
         value = stack.pop()
         if isinstance(value, torch.Tensor):
-            tensor = value.detach()
-            digest.update(str(tensor.shape).encode())
-            try:
-                digest.update(tensor.numpy().tobytes())  # the fast path: a CPU tensor of a numpy dtype
-            except (TypeError, RuntimeError):  # on a device, or bf16: bytes through a copy
-                digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(str(value.shape).encode())
+            digest.update(_tensor_bytes(value))
         elif isinstance(value, (tuple, list)):
             stack.extend(reversed(value))
         elif isinstance(value, dict):
@@ -105,16 +120,67 @@ def _item_digest(item: Any) -> bytes:
     return digest.digest()
 
 
+def _same_layout_digests(tensors: list[torch.Tensor]) -> list[bytes]:
+    """``_item_digest`` of each of ``tensors`` (one shape and dtype), from one stacked copy.
+
+    >>> tensors = [torch.arange(6.0).reshape(2, 3), torch.zeros(2, 3)]
+    >>> _same_layout_digests(tensors) == [_item_digest(t) for t in tensors]
+    True
+    """
+    with torch.no_grad():
+        rows = torch.stack(tensors).cpu().reshape(len(tensors), -1).view(torch.uint8).numpy()
+    buffer, size = memoryview(rows.reshape(-1)), rows.shape[1]
+    shape = _new_digest(tensors[0].shape)
+    digests = []
+    for start in range(0, len(tensors) * size, size):
+        digest = shape.copy()
+        digest.update(buffer[start:start + size])
+        digests.append(digest.digest())
+    return digests
+
+
+def _digests(inputs: Iterable[Any]) -> list[bytes]:
+    """``_item_digest`` of each input; runs of tensors of one shape and dtype are hashed from one stacked copy each.
+
+    >>> inputs = [torch.zeros(2), torch.ones(2), torch.ones(3), 7, torch.ones(2, dtype=torch.int64)]
+    >>> _digests(inputs) == [_item_digest(value) for value in inputs]
+    True
+    """
+    digests: list[bytes] = []
+    run: list[torch.Tensor] = []
+    shape, dtype, limit = None, None, 0
+
+    def flush() -> None:
+        if len(run) > 1 and run[0].numel():
+            try:
+                digests.extend(_same_layout_digests(run))
+            except (TypeError, RuntimeError):  # tensors stack cannot copy (devices, layouts): one by one
+                digests.extend(_item_digest(tensor) for tensor in run)
+        else:
+            digests.extend(_item_digest(tensor) for tensor in run)
+        run.clear()
+
+    for value in inputs:
+        if not isinstance(value, torch.Tensor):
+            flush()
+            digests.append(_item_digest(value))
+            continue
+        if run and (len(run) >= limit or value.dtype is not dtype or value.shape != shape):
+            flush()
+        if not run:  # a new run: its layout, and how many such tensors fit in one chunk
+            shape, dtype, limit = value.shape, value.dtype, max(1, _CHUNK_BYTES // max(1, value.nbytes))
+        run.append(value)
+    flush()
+    return digests
+
+
 def _sample_digests(dataset: Any, count: int) -> list[bytes]:
     """Digests of the inputs (first element) of ``count`` items spread evenly over ``dataset``."""
     size = len(dataset)
     step = max(1, size / count)
     indices = sorted({int(i * step) for i in range(min(count, size))})
-    digests = []
-    for i in indices:
-        item = dataset[i]
-        digests.append(_item_digest(item[0] if isinstance(item, (tuple, list)) and item else item))
-    return digests
+    items = (dataset[i] for i in indices)  # read as hashed: only one chunk is held at a time
+    return _digests(item[0] if isinstance(item, (tuple, list)) and item else item for item in items)
 
 
 def identical_items(train_data: Any, val_data: Any, settings: DoctorSettings) -> tuple[int, int, int] | None:

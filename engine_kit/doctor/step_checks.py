@@ -86,7 +86,12 @@ def check_loss_trend(rows: Sequence[Row], settings: DoctorSettings, *, final: bo
     >>> check_loss_trend(flat, DoctorSettings(), final=False), check_loss_trend(flat, DoctorSettings(), final=True)[0].code
     ([], 'loss-not-falling')
     """
-    window = [r for r in _finite_prefix(rows) if _finite(r.get("loss"))][: settings.loss_window]
+    return _loss_trend(_finite_prefix(rows), settings, final=final)
+
+
+def _loss_trend(clean: Sequence[Row], settings: DoctorSettings, *, final: bool) -> list[Finding]:
+    # check_loss_trend over rows already cut at the first non-finite one.
+    window = [r for r in clean if _finite(r.get("loss"))][: settings.loss_window]
     if len(window) < settings.min_trend_steps or (len(window) < settings.loss_window and not final):
         return []
     quarter = max(1, len(window) // 4)
@@ -113,8 +118,13 @@ def steady_state(rows: Sequence[Row], planned: int, settings: DoctorSettings) ->
     >>> [r["step"] for r in steady_state(rows, 10, DoctorSettings())[0]]
     [3, 4, 5, 6, 7, 8, 9, 10]
     """
+    return _steady_state(_finite_prefix(rows), planned, settings)
+
+
+def _steady_state(clean: Sequence[Row], planned: int, settings: DoctorSettings) -> tuple[list[Row], int]:
+    # steady_state over rows already cut at the first non-finite one.
     warmup = int(settings.steady_after * max(planned, 1))
-    return [r for r in _finite_prefix(rows) if r["step"] > warmup and _finite(r.get("grad_norm"))], warmup + 1
+    return [r for r in clean if r["step"] > warmup and _finite(r.get("grad_norm"))], warmup + 1
 
 
 def _describe_steady(steady: Sequence[Row], first: int, planned: int, settings: DoctorSettings) -> str:
@@ -132,7 +142,13 @@ def check_clipping(rows: Sequence[Row], max_grad_norm: float | None, planned: in
     """
     if max_grad_norm is None and not any(r.get("clipped") for r in rows):
         return []  # no clipping, or a log that cannot say
-    steady, first = steady_state(rows, planned, settings)
+    return _clipping(steady_state(rows, planned, settings), max_grad_norm, planned, settings)
+
+
+def _clipping(steady_and_first: tuple[list[Row], int], max_grad_norm: float | None, planned: int,
+              settings: DoctorSettings) -> list[Finding]:
+    # check_clipping once the run clips: over the steady state and the step it starts at.
+    steady, first = steady_and_first
     if len(steady) < settings.min_steady_steps:
         return []
     clipped = [r for r in steady if r.get("clipped") or (max_grad_norm is not None and r["grad_norm"] > max_grad_norm)]
@@ -163,7 +179,12 @@ def check_grad_norm_trend(rows: Sequence[Row], planned: int, settings: DoctorSet
     >>> check_grad_norm_trend(rows, 40, DoctorSettings())[0].code
     'grad-norm-rising'
     """
-    steady, first = steady_state(rows, planned, settings)
+    return _grad_norm_trend(steady_state(rows, planned, settings), planned, settings)
+
+
+def _grad_norm_trend(steady_and_first: tuple[list[Row], int], planned: int, settings: DoctorSettings) -> list[Finding]:
+    # check_grad_norm_trend over the steady state and the step it starts at.
+    steady, first = steady_and_first
     if len(steady) < settings.min_steady_steps:
         return []
     size = len(steady) // 4
@@ -187,6 +208,10 @@ def check_steps(rows: Sequence[Row], max_grad_norm: float | None, planned: int, 
                 *, final: bool, bad_groups: list[int] | None = None) -> list[Finding]:
     """Every step-log check: non-finite values, loss trend, clipping share, gradient-norm trend."""
     findings = check_non_finite(rows, bad_groups)
-    clean = _finite_prefix(rows)  # once here, so the trend checks scan finite rows only
-    return (findings + check_loss_trend(clean, settings, final=final)
-            + check_clipping(clean, max_grad_norm, planned, settings) + check_grad_norm_trend(clean, planned, settings))
+    # The finite prefix and the steady state once here, shared by the checks below.
+    clean = _finite_prefix(rows)
+    steady = _steady_state(clean, planned, settings)
+    findings += _loss_trend(clean, settings, final=final)
+    if max_grad_norm is not None or any(r.get("clipped") for r in clean):  # check_clipping's own test
+        findings += _clipping(steady, max_grad_norm, planned, settings)
+    return findings + _grad_norm_trend(steady, planned, settings)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ignite.engine import Events
 
 import engine_kit.trainer as trainer_module
+import handlers.nan_guard as nan_guard_module
 from engine_kit import StepEvents, create_trainer
 from engine_kit.precision import Precision
 from engine_kit.stateful import save_refusal
@@ -168,12 +169,36 @@ def test_values_are_checked_together_not_per_iteration(monkeypatch):
     _, trainer = make_trainer(F.mse_loss, accumulation=2)
     NanGuard(check_every=5).attach(trainer)
     calls = []
-    isfinite = torch.isfinite
-    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(tuple(t.shape)) or isfinite(t))
+    first_non_finite = nan_guard_module._first_non_finite
+    monkeypatch.setattr(nan_guard_module, "_first_non_finite",
+                        lambda values: calls.append(len(values)) or first_non_finite(values))
     trainer.run(BATCHES, max_epochs=1)  # 20 iterations: checks at 5, 10, 15, 20 and the epoch end, run end
-    monkeypatch.undo()
-    # One isfinite per check over every loss and norm since the last one (5 losses + 2 or 3 norms).
-    assert calls == [(7,), (8,), (7,), (8,)]
+    # One read per check over every loss and norm since the last one (5 losses + 2 or 3 norms).
+    assert calls == [7, 8, 7, 8]
+
+
+@pytest.mark.parametrize("values, first", [
+    ([1.0, 2.0, 3.0], None),
+    ([1.0, float("nan"), float("inf")], 1),
+    ([float("-inf"), 1.0], 0),
+    ([1e38, 1e38, 1e38], None),  # finite values whose sum would overflow are still finite
+])
+def test_first_non_finite_over_scalars(values, first):
+    assert nan_guard_module._first_non_finite([torch.tensor(v) for v in values]) == first
+
+
+def test_first_non_finite_over_mixed_dtypes():
+    # fp16/bf16 losses next to fp32 norms: the stack promotes them, nothing is misread.
+    values = [torch.tensor(6e4, dtype=torch.float16), torch.tensor(2.0), torch.tensor(float("inf"), dtype=torch.bfloat16)]
+    assert nan_guard_module._first_non_finite(values) == 2
+    assert nan_guard_module._first_non_finite(values[:2]) is None
+
+
+def test_first_non_finite_over_mixed_shapes_and_non_float_values():
+    check = nan_guard_module._first_non_finite
+    assert check([torch.tensor([1.0]), torch.tensor([float("nan")])]) == 1  # shape (1,) values
+    assert check([torch.tensor(1.0), torch.ones(3), torch.tensor([1.0, float("inf")])]) == 2  # one check each
+    assert check([torch.tensor(3), torch.tensor(4)]) is None  # integers are always finite
 
 
 def test_without_a_norm_only_the_loss_is_checked():
