@@ -146,6 +146,11 @@ class TrainStep:
         # The norm costs a pass over every gradient: computed when clipping (it is the
         # clip's by-product), in fp16 (it reveals a skipped step), or when a handler asks.
         self.track_grad_norm = track_grad_norm
+        # Handlers that log per step (through a shared StepWindow) set this: the step then keeps
+        # each micro-batch's detached loss and sample count for the window it is in
+        # (``window_losses``), a list append instead of a handler call per micro-batch.
+        self.keep_window_losses = False
+        self.window_losses: list[tuple[torch.Tensor, int | torch.Tensor]] = []
         self.scaler = precision.make_scaler()
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         # Every data-parallel wrapper (DDP, FSDP2, ...) averages gradients over ranks,
@@ -187,10 +192,13 @@ class TrainStep:
                 loss = self._forward_backward(x, y, num_samples)
         state.window_position += 1
         self._window_samples = self._window_samples + num_samples
+        loss = loss.detach()
+        if self.keep_window_losses:
+            self.window_losses.append((loss, num_samples))
         fire_if_handled(engine, StepEvents.BACKWARD_COMPLETED)
         if closes_window:
-            return self._close_window(engine, loss.detach(), num_samples)
-        return StepOutput(loss.detach(), None, False, num_samples)
+            return self._close_window(engine, loss, num_samples)
+        return StepOutput(loss, None, False, num_samples)
 
     def _forward_backward(self, x: Any, y: Any, num_samples: int | torch.Tensor) -> torch.Tensor:
         """Forward, loss and the weighted backward of one micro-batch; returns the (unweighted) loss."""
@@ -226,6 +234,8 @@ class TrainStep:
         self._window_length = self._planned_length(engine)
         self._window_total = self._window_length * state.sample_reference
         self._window_samples = 0
+        if self.keep_window_losses:
+            self.window_losses = []  # a new list: the closed window's may still be referenced
         # A window retrying a step that GradScaler skipped starts no new step:
         # schedulers on STEP_STARTED hold their value for it.
         if state.steps_started == state.optimizer_steps:

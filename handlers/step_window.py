@@ -118,8 +118,11 @@ class StepWindow:
     the loss whose gradient the optimizer step applied (the plain mean with
     equal batches). ``StepWindow.of(trainer)`` returns the trainer's one
     window, shared by every handler that logs per step, so each iteration is
-    recorded once. It adds every micro-batch on ``ITERATION_COMPLETED`` (not
-    needed, and not attached, when each window is one micro-batch).
+    recorded once. On an ``engine_kit`` trainer the step itself keeps the
+    open window's micro-batch losses (``TrainStep.keep_window_losses``); on
+    any other engine the window adds every micro-batch on
+    ``ITERATION_COMPLETED`` (not needed, and not attached, when each window
+    is one micro-batch).
     ``close(engine)`` runs on the step event, where the closing micro-batch is
     already ``engine.state.output``; every handler closing the same iteration
     gets the same ``Window``. The mean over its micro-batches is computed on
@@ -142,6 +145,7 @@ class StepWindow:
     """
 
     def __init__(self) -> None:
+        self._step: Any = None  # the engine_kit step that records the window's losses, once attached
         self.reset()
 
     @classmethod
@@ -155,7 +159,11 @@ class StepWindow:
 
     def attach(self, engine: Engine) -> None:
         """Follow ``engine``'s micro-batches and windows."""
-        if getattr(getattr(engine, "step", None), "accumulation_steps", None) != 1:
+        step = getattr(engine, "step", None)
+        if hasattr(step, "keep_window_losses"):
+            step.keep_window_losses = True  # a list append in the step, no handler per micro-batch
+            self._step = step
+        elif getattr(step, "accumulation_steps", None) != 1:
             # With one micro-batch per window the closing output is the whole window.
             engine.add_event_handler(Events.ITERATION_COMPLETED, self.add_output)
         handlers = getattr(engine, "_event_handlers", None)
@@ -189,9 +197,12 @@ class StepWindow:
             iteration = state.iteration
             if iteration == self._closed_at:
                 return self._closed  # type: ignore[return-value]  # another handler closed it already
-            output = state.output
-            if iteration != self._iteration and output is not None:  # the closing micro-batch
-                self._parts.append((output.loss, output.num_samples))
+            if self._step is not None:
+                self._parts = self._step.window_losses  # the step's own record of this window
+            else:
+                output = state.output
+                if iteration != self._iteration and output is not None:  # the closing micro-batch
+                    self._parts.append((output.loss, output.num_samples))
         lrs = self._lrs
         if lrs is None:
             lrs = learning_rates(engine) if engine is not None else []
