@@ -89,6 +89,9 @@ def read_windows(windows: Sequence[Window], extra: Sequence[Any] = ()) -> list[A
     ([3.0], (2.0, 6.0, [0.1]))
     """
     unread = [window for window in windows if window.values is None]
+    host = _read_scalar_losses(unread, extra)
+    if host is not None:
+        return host
     flat: list[Any] = []
     for window in unread:
         for part in window.parts:
@@ -109,6 +112,51 @@ def read_windows(windows: Sequence[Window], extra: Sequence[Any] = ()) -> list[A
         window.values = (loss, samples, host[position:position + len(window.lrs)])
         position += len(window.lrs)
     return host[position:]
+
+
+def _read_scalar_losses(unread: list[Window], extra: Sequence[Any]) -> list[Any] | None:
+    """``read_windows`` for the common case, with one stack of tensors and no per-value type tests.
+
+    The common case: every loss and extra value is a 0-dim floating tensor
+    (or None, in ``extra``), on one device, every sample count an int and
+    every learning rate a float. Anything else returns None (the general path).
+    The arithmetic is the general path's, so the values are the same.
+    """
+    tensors = []
+    for window in unread:
+        for loss, samples in window.parts:
+            if type(samples) is not int:
+                return None
+            tensors.append(loss)
+        if any(type(lr) is not float for lr in window.lrs):
+            return None
+    losses = len(tensors)
+    extras = [value for value in extra if value is not None]
+    tensors += extras
+    if not tensors:
+        return list(extra)
+    try:
+        stacked = torch.stack(tensors)
+    except (RuntimeError, TypeError):
+        return None
+    if stacked.dim() != 1 or not stacked.is_floating_point():
+        return None
+    host = stacked.tolist()
+    position = 0
+    for window in unread:
+        parts = window.parts
+        count = len(parts)
+        values = host[position:position + count]
+        position += count
+        if count == 1:
+            loss, samples = values[0], parts[0][1]
+        else:
+            counts = [n for _, n in parts]
+            samples = sum(counts, 0.0)
+            loss = sum(value * n for value, n in zip(values, counts)) / samples if count else None
+        window.values = (loss, samples, list(window.lrs))
+    read = iter(host[losses:])
+    return [None if value is None else next(read) for value in extra]
 
 
 class StepWindow:

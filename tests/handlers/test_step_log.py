@@ -17,7 +17,7 @@ from engine_kit import StepEvents, create_evaluator, create_trainer
 from engine_kit.precision import Precision
 from engine_kit.training_state import capture_training_state, restore_training_state
 from handlers.step_log import _ROW, FIELDS, StepLog, _json_number, read_step_log, to_csv
-from handlers.step_window import StepWindow
+from handlers.step_window import StepWindow, Window, read_windows
 from handlers.tensorboard import TensorBoardLogger
 from tests.handlers.test_tensorboard import scalars  # imports tensorboardX, which sets CRC32C_SW_MODE
 from tests.helpers import mlp, regression_batches
@@ -309,3 +309,25 @@ def test_samples_per_s_is_timed_from_step_to_step_and_unknown_after_an_interrupt
     assert rows[2]["samples_per_s"] <= 4 / pause_s  # window 3 includes the slow handler
     assert rows[4]["samples_per_s"] is None  # the first window after interrupt(): no start to time from
     assert all(rows[i]["samples_per_s"] > 4 / pause_s for i in (0, 1, 3, 5))
+
+
+def test_read_windows_common_case_equals_the_general_path() -> None:
+    """Scalar losses with int counts take a shortcut; mixed values (tensor counts) take the general path."""
+    gen = torch.Generator().manual_seed(3)
+
+    def windows(count_kind):
+        made = []
+        for size in (1, 3, 4, 2):
+            parts = tuple((torch.rand((), generator=gen), count_kind(int(n)))
+                          for n in torch.randint(1, 9, (size,), generator=gen))
+            made.append(Window(parts, [0.1, 0.01]))
+        return made
+
+    common = windows(int)
+    gen.manual_seed(3)
+    general = windows(torch.tensor)  # same values, tensor counts: the general path
+    norms = [torch.tensor(2.5), None, torch.tensor(float("nan"))]
+    fast_extra, general_extra = read_windows(common, norms), read_windows(general, norms)
+    assert fast_extra[:2] == general_extra[:2] == [2.5, None] and math.isnan(fast_extra[2]) and math.isnan(general_extra[2])
+    for a, b in zip(common, general):
+        assert a.values == b.values  # the same floats, bit for bit
