@@ -21,15 +21,15 @@ def masked_crc32c(chunks: Sequence[bytes]) -> list[int]:
     >>> masked_crc32c([b"123456789", b"x"]) == [one(b"123456789"), one(b"x")]
     True
     """
-    longest = max(map(len, chunks), default=0)
-    if not chunks or longest > _Crc32c.LONGEST or not all(chunks) or _native_crc():
+    lengths = list(map(len, chunks))
+    if not chunks or not min(lengths) or max(lengths) > _Crc32c.LONGEST or _native_crc():
         from tensorboardX.record_writer import masked_crc32c as one
 
         return [one(chunk) for chunk in chunks]
     global _CRC32C
     if _CRC32C is None:
         _CRC32C = _Crc32c()
-    return _CRC32C.masked(chunks, longest)
+    return _CRC32C.masked(chunks, lengths)
 
 
 def _native_crc() -> bool:
@@ -60,8 +60,9 @@ class _Crc32c:
         self._byte = byte
         self._rows = 0
         self._table: Any = None  # flat: entry d * 256 + b is byte b followed by d zero bytes, from a zero register
-        self._offsets: Any = None  # offsets[rows - 1 - d] == d * 256: a message's row offsets are one slice
         self._zeros = [0]  # zeros[n]: CRC of n zero bytes from the initial register, already ^ 0xFFFFFFFF
+        self._layouts: dict[tuple[int, ...], tuple[Any, Any]] = {}  # by chunk lengths: see _layout
+        self._ramp_cache = np.zeros(0, dtype=np.intp)
         self._grow(64)
 
     def _grow(self, rows: int) -> None:
@@ -73,7 +74,6 @@ class _Crc32c:
             row = table[-1]
             table.append(self._byte[row & 0xFF] ^ (row >> 8))
         self._table = np.concatenate(table)
-        self._offsets = np.arange(rows - 1, -1, -1, dtype=np.intp) * 256
         self._rows = rows
         byte, zeros = self._byte.tolist(), self._zeros
         register = zeros[-1] ^ 0xFFFFFFFF
@@ -81,15 +81,14 @@ class _Crc32c:
             register = byte[register & 0xFF] ^ (register >> 8)
             zeros.append(register ^ 0xFFFFFFFF)
 
-    def masked(self, chunks: Sequence[bytes], longest: int) -> list[int]:
+    def masked(self, chunks: Sequence[bytes], lengths: list[int]) -> list[int]:
+        """The masked CRCs of ``chunks`` (none empty, none longer than ``LONGEST``), of ``lengths`` bytes."""
         np = self._np
+        longest = max(lengths)
         if longest > self._rows:
             self._grow(longest)
-        lengths = [len(chunk) for chunk in chunks]
-        offsets, rows = self._offsets, self._rows
-        index = np.concatenate([offsets[rows - n:] for n in lengths])
-        index += np.frombuffer(b"".join(chunks), dtype=np.uint8)
-        starts = list(accumulate(lengths[:-1], initial=0))
+        base, starts = self._layout_of(lengths)
+        index = np.add(base, np.frombuffer(b"".join(chunks), dtype=np.uint8))
         crcs = np.bitwise_xor.reduceat(self._table.take(index), starts).tolist()
         zeros = self._zeros
         # The mask TFRecord applies: rotate right by 15 bits, add a constant (bits above 32 dropped).
@@ -97,6 +96,43 @@ class _Crc32c:
             ((((crc ^ zeros[n]) >> 15) | ((crc ^ zeros[n]) << 17)) + 0xA282EAD8) & 0xFFFFFFFF
             for crc, n in zip(crcs, lengths)
         ]
+
+    def _layout_of(self, lengths: list[int]) -> tuple[Any, Any]:
+        """``_layout(lengths)``, kept for the next flush: its records mostly have the same lengths.
+
+        The last record may differ (a histogram's buckets vary): the layout of
+        the others is kept too, and extended by the last one's offsets.
+        """
+        layouts = self._layouts
+        key = tuple(lengths)
+        layout = layouts.get(key)
+        if layout is None:
+            if len(layouts) >= 32:
+                layouts.clear()
+            head = layouts.get(key[:-1]) if len(key) > 1 else None
+            if head is None:
+                layout = self._layout(lengths)
+                if len(key) > 1:
+                    layouts[key[:-1]] = self._layout(lengths[:-1])
+            else:
+                np, head_base, last = self._np, head[0], lengths[-1]
+                ramp = self._ramp(last)
+                layout = (np.concatenate([head_base, ramp[::-1]]), np.append(head[1], len(head_base)))
+            layouts[key] = layout
+        return layout
+
+    def _layout(self, lengths: list[int]) -> tuple[Any, Any]:
+        """Each byte's table row offset (256 x its distance from its chunk's end) and each chunk's start."""
+        np = self._np
+        ends = list(accumulate(lengths))
+        # distance = end - 1 - position: the chunk's last offset repeated over its bytes, minus a ramp.
+        base = np.repeat([256 * (end - 1) for end in ends], lengths) - self._ramp(ends[-1])
+        return base, np.array([0, *ends[:-1]], dtype=np.intp)
+
+    def _ramp(self, size: int) -> Any:
+        if len(self._ramp_cache) < size:
+            self._ramp_cache = self._np.arange(max(size, 2 * len(self._ramp_cache)), dtype=self._np.intp) * 256
+        return self._ramp_cache[:size]
 
 
 _CRC32C: _Crc32c | None = None  # built on first use: nothing happens at import

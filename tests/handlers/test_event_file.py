@@ -98,3 +98,24 @@ def test_scalars_and_histograms_of_a_flush_land_in_one_write_in_order(tmp_path, 
         (1, ["norm"]), (2, ["norm", "fraction"]), (2, ["norms"]), (2, ["far"])
     ]
     assert events[2].SerializeToString() == expected_event(2, 11.0, "norms", [0.5, 0.25], writer.default_bins)
+
+
+def test_crcs_match_tensorboardx_when_a_flush_repeats_or_extends_the_last_ones_lengths():
+    import random
+
+    from tensorboardX.record_writer import masked_crc32c as one
+
+    from handlers.record_crc import masked_crc32c
+
+    rng = random.Random(3)
+
+    def chunk(n: int) -> bytes:
+        return bytes(rng.randrange(256) for _ in range(n))
+
+    steps = [chunk(50) for _ in range(6)]
+    for last in (170, 170, 187, 9, 170):  # the same lengths again, then a different last record each time
+        chunks = [chunk(50) for _ in range(6)] + [chunk(last)]
+        assert masked_crc32c(chunks) == [one(c) for c in chunks]
+        assert masked_crc32c(steps) == [one(c) for c in steps]
+    longer = [chunk(900), chunk(1), chunk(2500)]  # beyond the table built so far
+    assert masked_crc32c(longer) == [one(c) for c in longer]
