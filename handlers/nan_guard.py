@@ -66,10 +66,10 @@ class NanGuard(Handler):
     def __init__(self, *, check_every: int = 10) -> None:
         super().__init__()
         self.check_every = check_positive_int("check_every", check_every, 10)
-        # Values to check and the iteration of each, read together at the next check.
-        self._values: list[torch.Tensor] = []
+        # What to check and the iteration of each, read together at the next check: the
+        # trainer's StepOutputs whole (immutable tuples), other engines' loss and norm tensors.
+        self._pending: list[StepOutput | torch.Tensor] = []
         self._iterations: list[int] = []
-        self._observed = 0  # iterations observed since the last check
         self._last_output: Any = None
         self._nan_iteration: int | None = None
 
@@ -106,30 +106,25 @@ class NanGuard(Handler):
         # output object itself tells whether it was already kept.
         if state.output is not self._last_output:
             self._observe(state.output, state.iteration)
-        if state.iteration % self.check_every == 0 or self._observed >= self.check_every:
+        if state.iteration % self.check_every == 0 or len(self._iterations) >= self.check_every:
             self.check(engine)
 
     def _observe(self, output: Any, iteration: int) -> None:
+        # References, not copies: the step hands out fresh tensors (and outputs) each time.
         self._last_output = output
-        if type(output) is StepOutput:  # the trainer's own output: its loss is already detached
-            loss = output.loss
-        else:
-            loss = getattr(output, "loss", output)
-            if not isinstance(loss, torch.Tensor):
-                return  # an engine whose output carries no loss: nothing to guard
-            if loss.requires_grad:
-                loss = loss.detach()
-        self._observed += 1
-        # References, not copies: the step hands out fresh tensors each time.
-        self._values.append(loss)
+        if type(output) is StepOutput:  # unpacked at the check: one append here per micro-batch
+            self._pending.append(output)
+            self._iterations.append(iteration)
+            return
+        loss = getattr(output, "loss", output)
+        if not isinstance(loss, torch.Tensor):
+            return  # an engine whose output carries no loss: nothing to guard
+        self._pending.append(loss.detach() if loss.requires_grad else loss)
         self._iterations.append(iteration)
-        # Only a micro-batch that closed a stepped window has a norm to keep: the cheap
-        # field first, so the other micro-batches never reach the grad_norm property.
-        if getattr(output, "stepped", True):
-            norm = getattr(output, "grad_norm", None)
-            if isinstance(norm, torch.Tensor):
-                self._values.append(norm)
-                self._iterations.append(iteration)
+        norm = getattr(output, "grad_norm", None) if getattr(output, "stepped", True) else None
+        if isinstance(norm, torch.Tensor):
+            self._pending.append(norm)
+            self._iterations.append(iteration)
 
     def check(self, engine: Engine) -> bool:
         """Read the pending flags (one host sync); stop ``engine`` on the first non-finite value.
@@ -140,13 +135,14 @@ class NanGuard(Handler):
         state = engine.state
         if state.output is not self._last_output:
             self._observe(state.output, state.iteration)
-        if self._values:
-            values, iterations = self._values, self._iterations
-            self._values, self._iterations, self._observed = [], [], 0
+        if self._pending:
+            pending, iterations = self._pending, self._iterations
+            self._pending, self._iterations = [], []
             if self._nan_iteration is None:
+                values, owners = _unpack(pending, iterations)
                 first = _first_non_finite(values)
                 if first is not None:
-                    self._stop(engine, iterations[first])
+                    self._stop(engine, owners[first])
         return self._nan_iteration is not None
 
     def _stop(self, engine: Engine, iteration: int) -> None:
@@ -163,6 +159,34 @@ class NanGuard(Handler):
         if self.check(engine):
             return f"{self.reason}; the model may hold non-finite parameters."
         return None
+
+
+def _unpack(pending: list[StepOutput | torch.Tensor], iterations: list[int]) -> tuple[list[torch.Tensor], list[int]]:
+    """The tensors to check in ``pending`` and the iteration of each.
+
+    A StepOutput gives its loss (detached by the step) and, when it closed a
+    window that the optimizer stepped, its pre-clip gradient norm.
+
+    >>> outputs = [StepOutput(torch.tensor(1.0), None, False, 4), StepOutput(torch.tensor(2.0), torch.tensor(3.0), True, 4)]
+    >>> values, owners = _unpack(outputs + [torch.tensor(5.0)], [1, 2, 3])
+    >>> [v.item() for v in values], owners
+    ([1.0, 2.0, 3.0, 5.0], [1, 2, 2, 3])
+    """
+    values: list[torch.Tensor] = []
+    owners: list[int] = []
+    for item, iteration in zip(pending, iterations):
+        if type(item) is not StepOutput:
+            values.append(item)
+            owners.append(iteration)
+            continue
+        values.append(item.loss)
+        owners.append(iteration)
+        # The cheap field first: micro-batches that closed no window never reach the grad_norm property.
+        norm = item.grad_norm if item.stepped else None
+        if norm is not None:
+            values.append(norm)
+            owners.append(iteration)
+    return values, owners
 
 
 def _first_non_finite(values: list[torch.Tensor]) -> int | None:

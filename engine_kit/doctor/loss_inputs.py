@@ -36,15 +36,17 @@ def input_stats(x: torch.Tensor, has_classes: bool) -> torch.Tensor:
     [0.25, 0.75, 0.0, 1.224]
     """
     x = x.detach().float()
-    if has_classes and x.dim() >= 1 and x.numel():
-        dim = 1 if x.dim() >= 2 else 0
-        row_sum = (x.sum(dim) - 1).abs().max()
-        row_lse = x.logsumexp(dim).abs().max()
-    else:
-        row_sum = row_lse = torch.full((), float("inf"), device=x.device)
     if not x.numel():
         return torch.full((4,), float("nan"), device=x.device)
-    return torch.stack([x.min(), x.max(), row_sum, row_lse])
+    low, high = torch.aminmax(x)
+    if has_classes and x.dim() >= 1:
+        dim = 1 if x.dim() >= 2 else 0
+        # The infinity norm is the largest absolute value: one op for abs().max().
+        row_sum = torch.linalg.vector_norm(x.sum(dim) - 1, float("inf"))
+        row_lse = torch.linalg.vector_norm(x.logsumexp(dim), float("inf"))
+    else:
+        row_sum = row_lse = torch.full((), float("inf"), device=x.device)
+    return torch.stack([low, high, row_sum, row_lse])
 
 
 class _Recorder(TorchFunctionMode):
