@@ -100,25 +100,31 @@ def histogram_event(step: int, wall_time: float, tag: str, values: Sequence[floa
     """
     import numpy as np
 
-    array = np.asarray(values, dtype=float).reshape(-1)
+    array = np.asarray(values, dtype=float)
+    if array.ndim != 1:
+        array = array.reshape(-1)
     if not array.size:
         raise ValueError(fix_message(f"no values for the histogram {tag!r}.", "pass at least one value."))
-    low, high = float(array.min()), float(array.max())
-    if not (math.isfinite(low) and math.isfinite(high)):
+    total = float(array.sum())  # numpy's sum and dot, as tensorboardX computes them: the same bits
+    points = array.tolist()
+    if not math.isfinite(total) and not all(map(math.isfinite, points)):  # NaN and infinities reach the sum
         raise ValueError(
             fix_message(
-                f"the histogram {tag!r} got a non-finite value (min {low}, max {high}).",
+                f"the histogram {tag!r} got a non-finite value: {[v for v in points if not math.isfinite(v)][:3]}.",
                 "pass only finite values (filter with math.isfinite first).",
             )
         )
+    low, high = min(points), max(points)  # exact, but numpy's choice between 0.0 and -0.0 may differ
+    if low == 0.0 or high == 0.0:
+        low, high = float(array.min()), float(array.max())
     if isinstance(bins, str) or (isinstance(bins, numbers.Integral) and not isinstance(bins, bool)):
         binned = _numpy_histogram(np, array, bins)
     else:
-        binned = (bins if isinstance(bins, BucketEdges) else BucketEdges(bins)).histogram(array.tolist())
+        binned = (bins if isinstance(bins, BucketEdges) else BucketEdges(bins)).histogram(points)
     if binned is None:
         return None
     counts, limits = binned
-    stats = (low, high, float(array.size), float(array.sum()), float(array.dot(array)))
+    stats = (low, high, float(array.size), total, float(array.dot(array)))
     histo = b"".join([key + _DOUBLE(stat) for key, stat in zip(_STAT_KEYS, stats) if stat or _negative_zero(stat)])
     histo += b"\x32" + _varint(len(limits)) + limits
     histo += b"\x3a" + _varint(8 * len(counts)) + struct.pack(f"<{len(counts)}d", *counts)

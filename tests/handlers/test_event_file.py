@@ -28,6 +28,8 @@ CASES = [
     [3.0, 3.0, 3.0, 3.0],  # all equal
     [0.0],
     [-0.0, 0.0],
+    [0.0, -0.0, 1.0],
+    [-3.0, -0.0],  # 0.0 and -0.0: min and max as numpy picks them
     [-2.5, -1e-13, 1e-13, 0.0, 4.0],  # negative values, around the innermost edges
     [1e-300, 5e-13, 2.0],  # below the smallest positive edge
     [0.5, 1.25, 2.0, 7.0, 1e5, 3.3e-6] * 5,
@@ -52,9 +54,11 @@ def test_integer_and_named_bins_histogram_is_what_tensorboardx_writes(values, bi
     assert histogram_event(3, 2.5, "h", values, bins) == expected
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's, for tensorboardX too
 def test_edges_on_bucket_boundaries_and_cleaned_tags_and_zero_step():
     edges = [-1.0, 0.0, 0.0, 1.0, 2.0, 2.0]  # repeated edges: numpy's empty buckets
-    for values in ([-1.0, 0.0, 1.0, 2.0], [2.0], [-1.0], [0.0, 0.0], [-3.0, 1.0, 9.0]):
+    # The last: finite values whose sum and sum of squares overflow to infinity, as numpy's do.
+    for values in ([-1.0, 0.0, 1.0, 2.0], [2.0], [-1.0], [0.0, 0.0], [-3.0, 1.0, 9.0], [1e308, 1e308, 1.5]):
         assert histogram_event(0, 0.0, "a b/(c)", values, edges) == expected_event(0, 0.0, "a b/(c)", values, edges)
 
 
@@ -65,7 +69,7 @@ def test_nothing_within_the_edges_gives_no_event_where_tensorboardx_raises(tmp_p
     assert histogram_event(1, 1.0, "h", [1e21, -1e22], edges) is None
 
 
-@pytest.mark.parametrize("values, match", [([], "no values"), ([1.0, float("nan")], "non-finite"),
+@pytest.mark.parametrize("values, match", [([], "no values"), ([1.0, float("nan"), 2.0], "non-finite"),
                                            ([float("inf")], "non-finite")])
 def test_bad_values_are_refused(values, match):
     with pytest.raises(ValueError, match=match):
