@@ -103,8 +103,8 @@ class StepLog(Handler):
         self.flush_every = check_positive_int("flush_every", flush_every, 50)
         self.step = 0  # the last step written to the file
         self.offset: int | None = None  # the file length after the last write (None: not opened yet)
-        # (step, epoch, iteration, window, grad norm, max_grad_norm, skipped, seconds, wall time)
-        self._pending: list[tuple[int, int, int, Window, Any, float | None, bool, float | None, float]] = []
+        # (step, epoch, iteration, window (with the step's norm), max_grad_norm, skipped, seconds, wall time)
+        self._pending: list[tuple[int, int, int, Window, float | None, bool, float | None, float]] = []
         self._window: StepWindow | None = None
         self._window_start: float | None = None
         self._file: Any = None
@@ -151,7 +151,6 @@ class StepLog(Handler):
             state.epoch,
             state.iteration,
             self._window.close(engine),
-            state.output.grad_norm,
             getattr(getattr(engine, "step", None), "max_grad_norm", None),
             skipped,
             None if start is None else now - start,
@@ -165,11 +164,12 @@ class StepLog(Handler):
         if not self._pending:
             return
         rows, self._pending = self._pending, []
-        norms = read_windows([row[3] for row in rows], [row[4] for row in rows])
+        read_windows([row[3] for row in rows])  # losses and norms in one transfer, unless already read
         lines = []
         number = _json_number
-        for (step, epoch, iteration, window, _, limit, skipped, elapsed, wall_time), grad_norm in zip(rows, norms):
+        for step, epoch, iteration, window, limit, skipped, elapsed, wall_time in rows:
             loss, samples, lrs = window.values  # type: ignore[misc]
+            grad_norm = window.norm_value
             # NaN compares False: a non-finite norm is never counted as clipped.
             clipped = limit is not None and grad_norm is not None and grad_norm > limit
             line = _ROW % (

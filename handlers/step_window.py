@@ -61,21 +61,25 @@ def learning_rates(engine: Engine) -> list[float | torch.Tensor]:
 
 
 class Window:
-    """One closed window: its micro-batches' ``(loss, num_samples)`` and the step's learning rates.
+    """One closed window: its micro-batches' ``(loss, num_samples)``, the step's learning rates and norm.
 
     ``parts`` holds the step's own (detached) loss tensors, not copies: the
     trainer hands out fresh tensors every step, so a reference is as good as a
-    copy and costs no device op. ``read_windows`` turns them into ``values``
-    once, for every handler that logs the window.
+    copy and costs no device op; ``norm`` is the step's pre-clip gradient norm
+    (a tensor, or None when the step computed none). ``read_windows`` turns
+    them into ``values`` and ``norm_value`` once, for every handler that logs
+    the window.
     """
 
-    __slots__ = ("parts", "lrs", "values")
+    __slots__ = ("parts", "lrs", "norm", "values", "norm_value")
 
-    def __init__(self, parts: tuple[tuple[Any, Any], ...], lrs: list[Any]) -> None:
+    def __init__(self, parts: tuple[tuple[Any, Any], ...], lrs: list[Any], norm: Any = None) -> None:
         self.parts = parts
         self.lrs = lrs
+        self.norm = norm
         # (sample-weighted mean loss or None, samples, learning rates as floats) once read
         self.values: tuple[float | None, float, list[float]] | None = None
+        self.norm_value: float | None = None  # the norm as a float once read (None: no norm)
 
 
 def read_windows(windows: Sequence[Window], extra: Sequence[Any] = ()) -> list[Any]:
@@ -84,9 +88,9 @@ def read_windows(windows: Sequence[Window], extra: Sequence[Any] = ()) -> list[A
     Returns ``extra`` as host values. The mean over a window's micro-batches is
     computed here, on the host, in double precision.
 
-    >>> window = Window(((torch.tensor(1.0), 4), (torch.tensor(4.0), 2)), [0.1])
-    >>> read_windows([window], [torch.tensor(3.0)]), window.values
-    ([3.0], (2.0, 6.0, [0.1]))
+    >>> window = Window(((torch.tensor(1.0), 4), (torch.tensor(4.0), 2)), [0.1], torch.tensor(0.5))
+    >>> read_windows([window], [torch.tensor(3.0)]), window.values, window.norm_value
+    ([3.0], (2.0, 6.0, [0.1]), 0.5)
     """
     unread = [window for window in windows if window.values is None]
     host = _read_scalar_losses(unread, extra)
@@ -97,6 +101,7 @@ def read_windows(windows: Sequence[Window], extra: Sequence[Any] = ()) -> list[A
         for part in window.parts:
             flat += part
         flat += window.lrs
+        flat.append(window.norm)
     flat += extra
     host = fetch(flat)
     position = 0
@@ -111,6 +116,8 @@ def read_windows(windows: Sequence[Window], extra: Sequence[Any] = ()) -> list[A
         position += 2 * count
         window.values = (loss, samples, host[position:position + len(window.lrs)])
         position += len(window.lrs)
+        window.norm_value = host[position]
+        position += 1
     return host[position:]
 
 
@@ -123,6 +130,7 @@ def _read_scalar_losses(unread: list[Window], extra: Sequence[Any]) -> list[Any]
     The arithmetic is the general path's, so the values are the same.
     """
     tensors = []
+    norms = []
     for window in unread:
         for loss, samples in window.parts:
             if type(samples) is not int:
@@ -130,9 +138,11 @@ def _read_scalar_losses(unread: list[Window], extra: Sequence[Any]) -> list[Any]
             tensors.append(loss)
         if any(type(lr) is not float for lr in window.lrs):
             return None
+        if window.norm is not None:
+            norms.append(window.norm)
     losses = len(tensors)
-    extras = [value for value in extra if value is not None]
-    tensors += extras
+    tensors += norms
+    tensors += [value for value in extra if value is not None]
     if not tensors:
         return list(extra)
     try:
@@ -156,6 +166,9 @@ def _read_scalar_losses(unread: list[Window], extra: Sequence[Any]) -> list[Any]
             loss = sum(value * n for value, n in zip(values, counts)) / samples if count else None
         window.values = (loss, samples, list(window.lrs))
     read = iter(host[losses:])
+    for window in unread:
+        if window.norm is not None:
+            window.norm_value = next(read)
     return [None if value is None else next(read) for value in extra]
 
 
@@ -254,7 +267,9 @@ class StepWindow:
         lrs = self._lrs
         if lrs is None:
             lrs = learning_rates(engine) if engine is not None else []
-        window = self._closed = Window(tuple(self._parts), lrs)
+        # The step's pre-clip norm, as the step handed it out (an engine_kit step's StepOutput; else None).
+        norm = None if engine is None else getattr(engine.state.output, "grad_norm", None)
+        window = self._closed = Window(tuple(self._parts), lrs, norm if isinstance(norm, torch.Tensor) else None)
         self._parts, self._lrs = [], None
         self._iteration = self._closed_at = iteration
         return window

@@ -320,7 +320,8 @@ def test_read_windows_common_case_equals_the_general_path() -> None:
         for size in (1, 3, 4, 2):
             parts = tuple((torch.rand((), generator=gen), count_kind(int(n)))
                           for n in torch.randint(1, 9, (size,), generator=gen))
-            made.append(Window(parts, [0.1, 0.01]))
+            norm = torch.rand((), generator=gen) if size != 3 else None  # a step without a norm too
+            made.append(Window(parts, [0.1, 0.01], norm))
         return made
 
     common = windows(int)
@@ -330,4 +331,5 @@ def test_read_windows_common_case_equals_the_general_path() -> None:
     fast_extra, general_extra = read_windows(common, norms), read_windows(general, norms)
     assert fast_extra[:2] == general_extra[:2] == [2.5, None] and math.isnan(fast_extra[2]) and math.isnan(general_extra[2])
     for a, b in zip(common, general):
-        assert a.values == b.values  # the same floats, bit for bit
+        assert a.values == b.values and a.norm_value == b.norm_value  # the same floats, bit for bit
+    assert [w.norm_value is None for w in common] == [False, True, False, False]
