@@ -123,3 +123,25 @@ def test_crcs_match_tensorboardx_when_a_flush_repeats_or_extends_the_last_ones_l
         assert masked_crc32c(steps) == [one(c) for c in steps]
     longer = [chunk(900), chunk(1), chunk(2500)]  # beyond the table built so far
     assert masked_crc32c(longer) == [one(c) for c in longer]
+
+
+def test_scalar_events_are_what_protobuf_writes_for_every_varint_size():
+    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.summary import _clean_tag
+
+    from handlers.event_encoding import scalar_event
+
+    rows = [
+        (step, wall_time, values)
+        for step in (0, 1, 127, 128, 16383, 16384, 2**40, -3)  # one, two and more varint bytes; zero left out
+        for wall_time in (0.0, 1.7e9)
+        for values in ([("train/loss", 0.5), ("lr/group0", 1e-3)], [("big", 1e39), ("nan", float("nan"))], [],
+                       [("t" * 130, -0.0)])  # a value entry longer than 127 bytes
+    ]
+    expected = [
+        Event(step=step, wall_time=wall_time, summary=Summary(
+            value=[Summary.Value(tag=_clean_tag(tag), simple_value=value) for tag, value in values]
+        )).SerializeToString()
+        for step, wall_time, values in rows
+    ]
+    assert [scalar_event(*row) for row in rows] == expected

@@ -232,7 +232,7 @@ def test_scalar_events_are_what_protobuf_writes():
     from tensorboardX.proto.summary_pb2 import Summary
     from tensorboardX.summary import _clean_tag
 
-    from handlers.event_file import scalar_event
+    from handlers.event_encoding import scalar_event
 
     cases = [
         (0, 0.0, [("a", 0.0)]),
