@@ -217,9 +217,7 @@ class Doctor(Handler):
     def _write(self) -> None:
         if self.path is None or not self._reporting:
             return
-        data = {"findings": [f.to_dict() for f in self.findings], "context": self._context()}
-        # Encoded whole, then one write: json.dump to a file would write it piece by piece.
-        text = json.dumps(data, indent=2, default=str) + "\n"
+        text = doctor_json([f.to_dict() for f in self.findings], self._context())
         temporary = f"{self.path}.tmp"
         with open(temporary, "wb") as f:
             f.write(text.encode("utf-8"))
@@ -360,3 +358,35 @@ class Doctor(Handler):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         check_state_keys(type(self).__name__, self.state_keys, state_dict)
         self.findings[:] = [Finding.from_dict(entry) for entry in state_dict["findings"]]
+
+
+_ENCODE = json.JSONEncoder(default=str).encode  # no indent: json's C encoder
+
+
+def doctor_json(findings: list[dict[str, Any]], context: Mapping[str, Any]) -> str:
+    """``doctor.json``'s text: one line per finding and per context entry.
+
+    Each line is encoded by json's C encoder (an indented dump runs its pure
+    Python one), and the file is still readable line by line.
+
+    >>> text = doctor_json([{"code": "all-frozen", "step": 0}], {"planned_steps": 3, "val_history": []})
+    >>> print(text, end="")
+    {
+      "findings": [
+        {"code": "all-frozen", "step": 0}
+      ],
+      "context": {
+        "planned_steps": 3,
+        "val_history": []
+      }
+    }
+    >>> json.loads(text) == {"findings": [{"code": "all-frozen", "step": 0}], "context": {"planned_steps": 3, "val_history": []}}
+    True
+    >>> json.loads(doctor_json([], {}))
+    {'findings': [], 'context': {}}
+    """
+    rows = ",\n".join(f"    {_ENCODE(finding)}" for finding in findings)
+    entries = ",\n".join(f"    {_ENCODE(str(key))}: {_ENCODE(value)}" for key, value in context.items())
+    findings_text = f"[\n{rows}\n  ]" if rows else "[]"
+    context_text = f"{{\n{entries}\n  }}" if entries else "{}"
+    return f'{{\n  "findings": {findings_text},\n  "context": {context_text}\n}}\n'
