@@ -24,9 +24,9 @@ class NanGuard(Handler):
     ``check_every`` iterations, at the end of each epoch, at the end of the
     run, and whenever a checkpoint handler asks the save veto. Each value
     keeps its iteration, so a non-finite loss at any micro-batch of a window
-    is named by its own iteration, however late the check that finds it. Attaching the
-    guard to a trainer sets its step's ``track_grad_norm``, so the norm is
-    there to check. On the first non-finite value it sets
+    is named by its own iteration, however late the check that finds it.
+    Attaching the guard to a trainer sets its step's ``track_grad_norm``, so
+    the norm is there to check. On the first non-finite value it sets
     ``engine.state.nan_detected``, writes ``engine.state.stopped_by`` (naming
     the iteration where it appeared), warns once and calls ``engine.terminate()``.
 
