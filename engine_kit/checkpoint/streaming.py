@@ -30,6 +30,13 @@ from engine_kit.checkpoint.seal import trailer_v2
 class HashingWriter:
     """A write-only file object that hashes what passes through it and counts the bytes.
 
+    ``torch.save`` hands over an archive in many small pieces (headers, the
+    pickle, each record's name) and a few large ones (tensor storages).
+    Pieces under ``SMALL`` bytes are gathered and hashed and written
+    together, so a small checkpoint costs a few calls instead of one per
+    piece; large ones go straight through, uncopied. ``digest`` and
+    ``flush()`` first pass on what is gathered.
+
     Args:
         fileobj: where the bytes go (a binary file open for writing).
         digest: the running hash (default: a new SHA-256).
@@ -40,27 +47,53 @@ class HashingWriter:
     (3, 3, 'ba7816bf8f01')
     """
 
+    SMALL = 64 * 1024
+    GATHER = 256 * 1024  # bytes gathered before they are passed on
+
     def __init__(self, fileobj: IO[bytes], digest: Any = None) -> None:
         self.fileobj = fileobj
-        self.digest = digest if digest is not None else hashlib.sha256()
+        self._digest = digest if digest is not None else hashlib.sha256()
+        self._gathered = bytearray()
         self.written = 0
         self.failure: BaseException | None = None  # the file's own error (torch.save hides it behind its own)
 
+    @property
+    def digest(self) -> Any:
+        """The running hash of every byte written so far."""
+        self._pass_on()
+        return self._digest
+
     def write(self, data: Any) -> int:
-        """Hash ``data`` and write it; returns its length in bytes."""
+        """Hash ``data`` and write it (small pieces gathered first); returns its length in bytes."""
         view = memoryview(data)  # torch hands storages over without copying them; keep it that way
-        self.digest.update(view)  # hashlib releases the GIL on large buffers: training runs on meanwhile
+        size = view.nbytes
+        if size < self.SMALL:
+            self._gathered += view
+            if len(self._gathered) >= self.GATHER:
+                self._pass_on()
+        else:
+            self._pass_on()
+            self._hash_and_write(view)
+        self.written += size
+        return size
+
+    def flush(self) -> None:
+        """Pass on what is gathered and flush the underlying file (``torch.save`` calls it when its archive is complete)."""
+        self._pass_on()
+        self.fileobj.flush()
+
+    def _pass_on(self) -> None:
+        if self._gathered:
+            gathered, self._gathered = self._gathered, bytearray()
+            self._hash_and_write(memoryview(gathered))
+
+    def _hash_and_write(self, view: memoryview) -> None:
+        self._digest.update(view)  # hashlib releases the GIL on large buffers: training runs on meanwhile
         try:
             self.fileobj.write(view)
         except BaseException as exc:
             self.failure = exc
             raise
-        self.written += view.nbytes
-        return view.nbytes
-
-    def flush(self) -> None:
-        """Flush the underlying file (``torch.save`` calls it when its archive is complete)."""
-        self.fileobj.flush()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +135,9 @@ def write_sealed(fileobj: IO[bytes], payload: dict[str, Any], record: Checkpoint
     archive_length = writer.written
     record_bytes = record.to_bytes()
     writer.write(record_bytes)
-    trailer = trailer_v2(writer.digest, archive_length, len(record_bytes))
-    whole = writer.digest.copy()
+    digest = writer.digest  # everything gathered is written and hashed from here on
+    trailer = trailer_v2(digest, archive_length, len(record_bytes))
+    whole = digest.copy()
     whole.update(trailer)
     fileobj.write(trailer)
     return SealedFile(writer.written + len(trailer), whole.hexdigest(), archive_length)
