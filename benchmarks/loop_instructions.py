@@ -34,7 +34,9 @@ profile is dumped after each call, so each dump counts one variant's epoch:
 
 (``_operator_call`` is CPython 3.11's C function behind ``operator.call``;
 importing torch under valgrind takes ~3 minutes, the measured variants ~8.
-``--variants raw,engine_kit`` measures a subset; pass the same to ``--report``.) Run
+``--variants raw,engine_kit`` measures a subset; pass the same to ``--report``.
+An ablation variant ``engine_kit_full-without-Doctor+NanGuard`` runs ``engine_kit_full`` with
+those ``attach_standard`` handlers left out, to see what each costs.) Run
 without valgrind it prints CPU µs per micro-batch instead (load-sensitive).
 """
 
@@ -59,6 +61,37 @@ from runners import builder
 
 VARIANTS = ("raw", "ignite_bare", "engine_kit_step", "engine_kit", "raw_full", "engine_kit_full")
 FULL_VARIANTS = ("raw_full", "engine_kit_full")
+# attach_standard's handlers an ablation may leave out: engine_kit_full-without-Doctor+NanGuard, ...
+ABLATABLE = ("Doctor", "NanGuard", "StepLog", "GradNormLogger", "TensorBoardLogger", "CheckpointRotation")
+WITHOUT = "engine_kit_full-without-"
+
+
+def _left_out(variant: str) -> tuple[str, ...] | None:
+    """The handlers an ablation variant leaves out (None: not an ablation variant).
+
+    >>> _left_out("engine_kit_full-without-Doctor+StepLog"), _left_out("engine_kit_full")
+    (('Doctor', 'StepLog'), None)
+    """
+    if not variant.startswith(WITHOUT):
+        return None
+    names = tuple(variant[len(WITHOUT):].split("+"))
+    return names if names and all(name in ABLATABLE for name in names) else ()
+
+
+def _is_full(variant: str) -> bool:
+    return variant in FULL_VARIANTS or bool(_left_out(variant))
+
+
+class _LeftOut:
+    """Stands in for a handler class an ablation leaves out: built and attached, it does nothing."""
+
+    writer = None
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def attach(self, *args: object, **kwargs: object) -> None:
+        pass
 
 
 def _hand_written_step(case: Case) -> tuple[Callable[[int, torch.Tensor, torch.Tensor], None], torch.nn.Module]:
@@ -120,13 +153,25 @@ def build_full(variant: str, case: Case, root: Path) -> Callable[[bool], None]:
     """``run_once(counted)``: build ``run.py``'s ``variant`` runner in a fresh directory and run it.
 
     Only a ``counted`` run goes through ``operator.call`` (building never does).
+    An ablation variant (``engine_kit_full-without-A+B``) builds ``engine_kit_full``
+    with ``attach_standard``'s handler classes ``A`` and ``B`` replaced by no-ops.
     """
-    build = builder(variant)
+    import handlers.standard as standard
+
+    left_out = _left_out(variant) or ()
+    build = builder("engine_kit_full" if left_out else variant)
 
     def run_once(counted: bool) -> None:
-        workdir = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=root))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{variant.split('-')[0]}-", dir=root))
+        originals = {name: getattr(standard, name) for name in left_out}
         try:
-            run = build(case, workdir)
+            for name in left_out:
+                setattr(standard, name, _LeftOut)
+            try:
+                run = build(case, workdir)
+            finally:
+                for name, cls in originals.items():
+                    setattr(standard, name, cls)
             operator.call(run) if counted else run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -136,7 +181,7 @@ def build_full(variant: str, case: Case, root: Path) -> Callable[[bool], None]:
 
 def micro_batches(variant: str, case: Case) -> int:
     """Micro-batches one measured call of ``variant`` trains: an epoch, or a ``_full`` runner's whole run."""
-    return case.iterations if variant in FULL_VARIANTS else len(case.train)
+    return case.iterations if _is_full(variant) else len(case.train)
 
 
 def report(dump: Path, variants: tuple[str, ...]) -> None:
@@ -149,7 +194,7 @@ def report(dump: Path, variants: tuple[str, ...]) -> None:
         counts[variant] = total / micro_batches(variant, case)
     print("| variant | instructions per micro-batch | × reference |\n|---|---|---|")
     for variant, count in counts.items():
-        ref = "raw_full" if variant.endswith("_full") else "raw"
+        ref = "raw_full" if _is_full(variant) else "raw"
         ratio = f"{count / counts[ref]:.3f}" if ref in counts else "—"
         print(f"| `{variant}` | {count / 1000:.1f} k | {ratio} |")
 
@@ -161,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
     variants = tuple(v for v in args.variants.split(",") if v)
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS and not _left_out(v)]
     if unknown or not variants:
-        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}, or {WITHOUT}A+B with A, B among {', '.join(ABLATABLE)}")
     if args.report is not None:
         report(args.report, variants)
         return 0
@@ -172,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="loop-instructions-") as tmp:
         calls = {}
         for variant in variants:
-            if variant in FULL_VARIANTS:
+            if _is_full(variant):
                 run_once = build_full(variant, case, Path(tmp))
                 run_once(False)  # warm-up: lazy imports, the writers' first files
                 calls[variant] = lambda run_once=run_once: run_once(True)

@@ -44,3 +44,21 @@ def test_report_divides_each_dump_by_its_micro_batches(tmp_path: Path) -> None:
 def test_unknown_variant_is_refused(tmp_path: Path) -> None:
     result = _run("--variants", "raw,lightning", cwd=tmp_path)
     assert result.returncode == 2 and "unknown ['lightning']" in result.stderr
+
+
+def test_an_ablation_variant_runs_the_standard_stack_without_the_named_handlers(tmp_path: Path) -> None:
+    result = _run("--variants", "engine_kit_full-without-Doctor+StepLog", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "engine_kit_full-without-Doctor+StepLog:" in result.stdout
+    assert "doctor [" not in result.stderr  # the doctor was left out: no finding printed
+    refused = _run("--variants", "engine_kit_full-without-Progress", cwd=tmp_path)
+    assert refused.returncode != 0 and "Doctor, NanGuard" in refused.stderr
+
+
+def test_report_counts_an_ablation_variant_against_raw_full(tmp_path: Path) -> None:
+    counts = {"raw_full": 1_200_000_000, "engine_kit_full-without-Doctor": 1_260_000_000}
+    for index, total in enumerate(counts.values(), start=1):
+        (tmp_path / f"loop.out.{index}").write_text(f"events: Ir\nsummary: {total}\n")
+    result = _run("--report", str(tmp_path / "loop.out"), "--variants", ",".join(counts), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| `engine_kit_full-without-Doctor` | 1050.0 k | 1.050 |" in result.stdout
