@@ -51,11 +51,6 @@ def write_scalars(writer: Any, rows: Sequence[ScalarRow]) -> None:
     write_summaries(writer, rows)
 
 
-def write_histogram(writer: Any, tag: str, values: Sequence[float], step: int, bins: str | int) -> None:
-    """``writer.add_histogram(tag, values, step, bins=bins)``, written to a SummaryWriter like ``write_scalars``."""
-    write_summaries(writer, (), [(step, time.time(), tag, values, bins)])
-
-
 def write_summaries(writer: Any, scalars: Sequence[ScalarRow], histograms: Sequence[HistogramRow] = ()) -> None:
     """Write scalar rows (as ``write_scalars``) and then histograms, in one file write.
 

@@ -107,18 +107,26 @@ def read_windows(windows: Sequence[Window], extra: Sequence[Any] = ()) -> list[A
     position = 0
     for window in unread:
         count = len(window.parts)
-        if count == 1:  # the common case: one micro-batch, whose loss is the window's
-            loss, samples = host[position], host[position + 1]
-        else:
-            values = host[position:position + 2 * count]
-            samples = sum(values[1::2], 0.0)
-            loss = sum(value * n for value, n in zip(values[0::2], values[1::2])) / samples if count else None
+        values = host[position:position + 2 * count]
+        loss, samples = _window_mean(values[0::2], values[1::2])
         position += 2 * count
         window.values = (loss, samples, host[position:position + len(window.lrs)])
         position += len(window.lrs)
         window.norm_value = host[position]
         position += 1
     return host[position:]
+
+
+def _window_mean(losses: list[float], counts: list[Any]) -> tuple[float | None, Any]:
+    """A window's sample-weighted mean loss (None: no micro-batch) and its samples, on the host in double precision.
+
+    >>> _window_mean([1.0, 4.0], [4, 2]), _window_mean([3.0], [5])
+    ((2.0, 6.0), (3.0, 5))
+    """
+    if len(losses) == 1:  # the common case: one micro-batch, whose loss is the window's
+        return losses[0], counts[0]
+    samples = sum(counts, 0.0)
+    return (sum(value * n for value, n in zip(losses, counts)) / samples if losses else None), samples
 
 
 def _read_scalar_losses(unread: list[Window], extra: Sequence[Any]) -> list[Any] | None:
@@ -156,14 +164,8 @@ def _read_scalar_losses(unread: list[Window], extra: Sequence[Any]) -> list[Any]
     for window in unread:
         parts = window.parts
         count = len(parts)
-        values = host[position:position + count]
+        loss, samples = _window_mean(host[position:position + count], [n for _, n in parts])
         position += count
-        if count == 1:
-            loss, samples = values[0], parts[0][1]
-        else:
-            counts = [n for _, n in parts]
-            samples = sum(counts, 0.0)
-            loss = sum(value * n for value, n in zip(values, counts)) / samples if count else None
         window.values = (loss, samples, list(window.lrs))
     read = iter(host[losses:])
     for window in unread:

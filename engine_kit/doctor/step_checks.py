@@ -140,9 +140,14 @@ def check_clipping(rows: Sequence[Row], max_grad_norm: float | None, planned: in
     >>> check_clipping(rows, 1.0, 40, DoctorSettings())[0].evidence.split(" (")[0]
     '100% of steady-state optimizer steps were clipped at max_grad_norm=1'
     """
-    if max_grad_norm is None and not any(r.get("clipped") for r in rows):
+    if not _clips(rows, max_grad_norm):
         return []  # no clipping, or a log that cannot say
     return _clipping(steady_state(rows, planned, settings), max_grad_norm, planned, settings)
+
+
+def _clips(rows: Sequence[Row], max_grad_norm: float | None) -> bool:
+    """Whether the run clips: a threshold is set, or the log marks clipped steps."""
+    return max_grad_norm is not None or any(r.get("clipped") for r in rows)
 
 
 def _clipping(steady_and_first: tuple[list[Row], int], max_grad_norm: float | None, planned: int,
@@ -212,6 +217,6 @@ def check_steps(rows: Sequence[Row], max_grad_norm: float | None, planned: int, 
     clean = _finite_prefix(rows)
     steady = _steady_state(clean, planned, settings)
     findings += _loss_trend(clean, settings, final=final)
-    if max_grad_norm is not None or any(r.get("clipped") for r in clean):  # check_clipping's own test
+    if _clips(clean, max_grad_norm):
         findings += _clipping(steady, max_grad_norm, planned, settings)
     return findings + _grad_norm_trend(steady, planned, settings)
