@@ -14,7 +14,7 @@ from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful
 from handlers.base import Handler, check_positive_int, check_state_keys, require_step_events
-from handlers.step_window import fetch
+from handlers.step_window import StepWindow, Window, read_windows
 from handlers.event_file import write_summaries
 
 
@@ -95,8 +95,9 @@ class GradNormLogger(Handler):
             )
         self.writer = writer
         self.bins = bins
-        # (optimizer step, wall time, norm on the device, clip threshold at that step)
-        self._pending: list[tuple[int, float, torch.Tensor, float | None]] = []
+        # (optimizer step, wall time, its window (the step's norm still on the device), clip threshold then)
+        self._pending: list[tuple[int, float, Window, float | None]] = []
+        self._window: StepWindow | None = None
         self._norms: list[tuple[int, float]] = []
         # The first rows of _norms as a float64 (step, norm) tensor, extended by state_dict with
         # only the rows added since: a save never converts the whole history from Python again.
@@ -112,6 +113,8 @@ class GradNormLogger(Handler):
         step = getattr(engine, "step", None)
         if step is not None:
             step.track_grad_norm = True  # the step computes the norm only when a handler reads it
+        # The trainer's shared window: a norm is read once per flush for every handler that logs it.
+        self._window = StepWindow.of(engine)
         engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.flush)
         engine.add_event_handler(Events.COMPLETED, self.flush)
@@ -119,21 +122,22 @@ class GradNormLogger(Handler):
 
     def __call__(self, engine: Engine) -> None:
         """Buffer this optimizer step's norm (no host sync); flush when the buffer is full."""
-        norm = engine.state.output.grad_norm
-        if norm is None:
+        window = self._window.close(engine)
+        if window.norm is None:
             return
         limit = getattr(getattr(engine, "step", None), "max_grad_norm", None)
-        # The step's own tensor, not a copy: the step hands out a fresh one each time.
-        self._pending.append((engine.state.optimizer_steps, time.time(), norm, limit))
+        # The step's own norm tensor, not a copy: the step hands out a fresh one each time.
+        self._pending.append((engine.state.optimizer_steps, time.time(), window, limit))
         if len(self._pending) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
-        """Read the buffered norms with one host transfer and update statistics and writer."""
+        """Read the buffered norms (one host transfer, none if another logger read their windows) and update statistics and writer."""
         if not self._pending:
             return
-        steps, times, tensors, limits = zip(*self._pending)
-        values = fetch(list(tensors))  # the single host sync of this batch of steps
+        steps, times, windows, limits = zip(*self._pending)
+        read_windows(windows)  # the single host sync of this batch of steps (none if another logger read them)
+        values = [window.norm_value for window in windows]
         self._pending.clear()
         self._flushes += 1
         self._norms += zip(steps, values)
