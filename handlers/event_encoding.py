@@ -74,8 +74,6 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-
-
 def histogram_event(step: int, wall_time: float, tag: str, values: Sequence[float], bins: Any) -> bytes | None:
     """The serialized ``Event(step, wall_time, summary=tensorboardX.summary.histogram(tag, values, bins))``.
 
