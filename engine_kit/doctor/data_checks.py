@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import random
 import time
-from typing import Any, Iterable
+from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 from engine_kit.data_order import ResumableLoader
 from engine_kit.doctor.findings import DoctorSettings, Finding
+from engine_kit.doctor.item_digests import count_identical
 
 
 def shuffle_reason(loader: Any) -> str | None:
@@ -84,112 +82,14 @@ def shared_samples(train_data: Any, val_data: Any) -> int | None:
     return shared or None
 
 
-# Items are stacked for hashing in chunks of at most this many bytes (memory stays bounded).
-_CHUNK_BYTES = 16 << 20
-
-
-def _new_digest(tensor_shape: torch.Size) -> Any:
-    # SHA-256: collision resistant, and the fastest such hash where the CPU has SHA instructions.
-    return hashlib.sha256(str(tensor_shape).encode())
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> Any:
-    """The tensor's elements in C order as a buffer: no copy for a contiguous CPU tensor of a numpy dtype."""
-    tensor = tensor.detach()
-    try:
-        return np.ascontiguousarray(tensor.numpy())
-    except (TypeError, RuntimeError):  # on a device, or bf16: bytes through a copy (of the values, as stack makes)
-        return tensor.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _item_digest(item: Any) -> bytes:
-    """A digest of every tensor's shape and bytes and every other value's ``repr`` in ``item``, in order."""
-    digest = hashlib.sha256()
-    stack = [item]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, torch.Tensor):
-            digest.update(str(value.shape).encode())
-            digest.update(_tensor_bytes(value))
-        elif isinstance(value, (tuple, list)):
-            stack.extend(reversed(value))
-        elif isinstance(value, dict):
-            stack.extend(value[k] for k in sorted(value))
-        else:
-            digest.update(repr(value).encode())
-    return digest.digest()
-
-
-def _same_layout_digests(tensors: list[torch.Tensor]) -> list[bytes]:
-    """``_item_digest`` of each of ``tensors`` (one shape and dtype), from one stacked copy.
-
-    >>> tensors = [torch.arange(6.0).reshape(2, 3), torch.zeros(2, 3)]
-    >>> _same_layout_digests(tensors) == [_item_digest(t) for t in tensors]
-    True
-    """
-    with torch.no_grad():
-        rows = torch.stack(tensors).cpu().reshape(len(tensors), -1).view(torch.uint8).numpy()
-    buffer, size = memoryview(rows.reshape(-1)), rows.shape[1]
-    shape = _new_digest(tensors[0].shape)
-    digests = []
-    for start in range(0, len(tensors) * size, size):
-        digest = shape.copy()
-        digest.update(buffer[start:start + size])
-        digests.append(digest.digest())
-    return digests
-
-
-def _digests(inputs: Iterable[Any]) -> list[bytes]:
-    """``_item_digest`` of each input; runs of tensors of one shape and dtype are hashed from one stacked copy each.
-
-    >>> inputs = [torch.zeros(2), torch.ones(2), torch.ones(3), 7, torch.ones(2, dtype=torch.int64)]
-    >>> _digests(inputs) == [_item_digest(value) for value in inputs]
-    True
-    """
-    digests: list[bytes] = []
-    run: list[torch.Tensor] = []
-    shape, dtype, limit = None, None, 0
-
-    def flush() -> None:
-        if len(run) > 1 and run[0].numel():
-            try:
-                digests.extend(_same_layout_digests(run))
-            except (TypeError, RuntimeError):  # tensors stack cannot copy (devices, layouts): one by one
-                digests.extend(_item_digest(tensor) for tensor in run)
-        else:
-            digests.extend(_item_digest(tensor) for tensor in run)
-        run.clear()
-
-    for value in inputs:
-        if not isinstance(value, torch.Tensor):
-            flush()
-            digests.append(_item_digest(value))
-            continue
-        if run and (len(run) >= limit or value.dtype is not dtype or value.shape != shape):
-            flush()
-        if not run:  # a new run: its layout, and how many such tensors fit in one chunk
-            shape, dtype, limit = value.shape, value.dtype, max(1, _CHUNK_BYTES // max(1, value.nbytes))
-        run.append(value)
-    flush()
-    return digests
-
-
-def _sample_digests(dataset: Any, count: int) -> list[bytes]:
-    """Digests of the inputs (first element) of ``count`` items spread evenly over ``dataset``."""
-    size = len(dataset)
-    step = max(1, size / count)
-    indices = sorted({int(i * step) for i in range(min(count, size))})
-    items = (dataset[i] for i in indices)  # read as hashed: only one chunk is held at a time
-    return _digests(item[0] if isinstance(item, (tuple, list)) and item else item for item in items)
-
-
 def identical_items(train_data: Any, val_data: Any, settings: DoctorSettings) -> tuple[int, int, int] | None:
     """``(identical, validation items hashed, training items hashed)``; None when either side cannot be indexed.
 
-    Inputs are compared byte for byte (their hashes) on a spread-out sample of
-    each side. Reading items runs any random augmentation, so every global
-    random generator is saved and restored around it: the run's random stream
-    is left untouched.
+    Inputs are compared byte for byte on a spread-out sample of each side
+    (``settings.hash_val_items`` and ``settings.hash_train_items`` items); the
+    training count is of distinct items. Reading items runs any random
+    augmentation, so every global random generator is saved and restored
+    around it: the run's random stream is left untouched.
 
     >>> data = torch.utils.data.TensorDataset(torch.arange(8.0).reshape(8, 1))
     >>> copy = torch.utils.data.TensorDataset(torch.arange(4.0, 6.0).reshape(2, 1))
@@ -199,18 +99,10 @@ def identical_items(train_data: Any, val_data: Any, settings: DoctorSettings) ->
     train, val = footprint(train_data)[0], footprint(val_data)[0]
     if not all(hasattr(d, "__len__") and hasattr(d, "__getitem__") for d in (train, val)):
         return None
-    python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[]):
-            val_digests = _sample_digests(val, settings.hash_val_items)
-            train_digests = set(_sample_digests(train, settings.hash_train_items))
+        return count_identical(train, val, settings.hash_val_items, settings.hash_train_items)
     except Exception:  # noqa: BLE001 - a dataset we cannot read item by item is simply not compared
         return None
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-    same = sum(digest in train_digests for digest in val_digests)
-    return same, len(val_digests), len(train_digests)
 
 
 def check_validation_data(train_data: Any, val_loader: Any, settings: DoctorSettings) -> list[Finding]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import engine_kit.doctor.data_checks as data_checks
+import engine_kit.doctor.item_digests as data_checks
 from engine_kit.doctor import DoctorSettings, identical_items
 
 
@@ -55,3 +55,58 @@ def test_identical_items_across_layouts():
     # The same bytes seen through a non-contiguous view still match.
     strided = TensorDataset(train.tensors[0].t().contiguous().t(), torch.zeros(40))
     assert identical_items(strided, TensorDataset(val_x, torch.zeros(5)), DoctorSettings()) == (3, 5, 40)
+
+
+def reference_count(train: list, val: list) -> tuple[int, int, int]:
+    """What ``count_identical`` must answer, from item-by-item digests."""
+    train_digests = {data_checks._item_digest(item[0]) for item in train}
+    val_digests = [data_checks._item_digest(item[0]) for item in val]
+    return sum(digest in train_digests for digest in val_digests), len(val_digests), len(train_digests)
+
+
+def colliding_samples() -> tuple[list, list]:
+    """Training items with duplicates and with rows whose word sums collide; validation items among them."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 4, 2, generator=gen)
+    x[5] = x[4]  # a duplicate
+    x[6] = x[7].flip(0)  # the same words in another order: the same 64-bit sum, other bytes
+    x[8] = x[9].flip(0)
+    x[10] = x[9]
+    train = [(row, i % 3) for i, row in enumerate(x)]
+    val_x = torch.stack([x[4], x[9], x[9].flip(0).flip(1), torch.randn(4, 2, generator=gen), x[6], x[6]])
+    return train, [(row, 0) for row in val_x]
+
+
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 100])  # one run per side (rows compared) or chunks (digests)
+def test_count_identical_answers_as_digests_do(monkeypatch, chunk_bytes):
+    monkeypatch.setattr(data_checks, "_CHUNK_BYTES", chunk_bytes)
+    train, val = colliding_samples()
+    keys = data_checks._row_keys(data_checks._stacked_rows([train[6][0], train[7][0]]))
+    assert keys[0] == keys[1] and not torch.equal(train[6][0], train[7][0])  # keys collide: bytes decide
+    assert data_checks.count_identical(train, val, 256, 4096) == reference_count(train, val) == (4, 6, 28)
+    # Same shape and bytes under another dtype is the same item (the digest covers shape and bytes).
+    as_int = [(row.view(torch.int32), 0) for row, _ in val]
+    assert data_checks.count_identical(train, as_int, 256, 4096) == reference_count(train, as_int)
+    # Other shapes never match; mixed layouts and non-tensor inputs go through digests.
+    flat = [(row.reshape(-1), 0) for row, _ in val]
+    assert data_checks.count_identical(train, flat, 256, 4096) == (0, 6, 28)
+    mixed = val[:3] + [("text", 0), (torch.zeros(0), 0)] + val[3:]
+    assert data_checks.count_identical(train + [("text", 1)], mixed, 256, 4096) == (5, 8, 29)
+
+
+def test_count_identical_reads_an_even_spread_of_items():
+    train = [(torch.full((3,), float(i)), 0) for i in range(100)]
+    val = [(torch.full((3,), float(i)), 0) for i in range(0, 100, 10)]
+    # 10 training items spread over 100: indices 0, 10, ..., 90, all in the validation set.
+    assert data_checks.count_identical(train, val, 256, 10) == (10, 10, 10)
+    assert data_checks.count_identical(train, val, 5, 7) == reference_count(
+        [train[int(i * 100 / 7)] for i in range(7)], [val[2 * i] for i in range(5)])
+
+
+def test_single_run_samples_are_compared_without_digests(monkeypatch):
+    def no_digests(inputs):
+        raise AssertionError("single-run samples are compared row by row, not hashed")
+
+    train, val = colliding_samples()
+    monkeypatch.setattr(data_checks, "_digests", no_digests)
+    assert data_checks.count_identical(train, val, 256, 4096) == (4, 6, 28)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine_kit.doctor.data_checks as data_checks
+import engine_kit.doctor.item_digests as data_checks
 from engine_kit import create_trainer
 from handlers.nan_guard import NanGuard, _first_non_finite
 from tests.helpers import mlp, regression_batches
