@@ -41,6 +41,7 @@ from engine_kit.events import StepEvents
 from engine_kit.stateful import stateful_objects
 from handlers.base import Handler, check_state_keys, require_step_events
 from handlers.checkpoint import CheckpointRotation
+from handlers.event_file import write_texts
 from handlers.events import ValidationEvents, register_validation_events
 from handlers.grad_norm import GradNormLogger
 from handlers.step_log import StepLog
@@ -187,11 +188,11 @@ class Doctor(Handler):
         new = add_new(self.findings, findings)
         if not new or not self._reporting:
             return
-        writer = self._writer()
         for finding in new:
             logger.warning(finding.line())
-            if writer is not None:
-                writer.add_text(f"doctor/{finding.code}", finding.line(), finding.step)
+        writer = self._writer()
+        if writer is not None:
+            write_texts(writer, [(finding.step, f"doctor/{finding.code}", finding.line()) for finding in new])
         self._write()
 
     def _writer(self) -> Any:

@@ -127,6 +127,32 @@ def write_purge_marker(writer: Any, step: int) -> None:
             file_writer.add_event(event, step, now)
 
 
+def write_texts(writer: Any, rows: Sequence[tuple[int, str, str]]) -> None:
+    """Write each ``(step, tag, text)`` as the event ``add_text(tag, text, step)`` writes, in one file write.
+
+    Directly, like the scalars: ``add_text`` would start tensorboardX's queue
+    threads for a handful of texts. Any other writer (or one feeding comet.ml)
+    gets one ``add_text`` call per row.
+
+    >>> class Printer:
+    ...     def add_text(self, tag, text, step):
+    ...         print(tag, text, step)
+    >>> write_texts(Printer(), [(3, "doctor/eval-mode", "a line")])
+    doctor/eval-mode a line 3
+    """
+    events_writer = _events_writer(writer) if rows else None
+    if events_writer is None:
+        for step, tag, text in rows:
+            writer.add_text(tag, text, step)
+        return
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import text as text_summary
+
+    now = time.time()
+    _append_records(events_writer, [Event(step=int(step), wall_time=now, summary=text_summary(tag, text))
+                                    .SerializeToString() for step, tag, text in rows])
+
+
 def _events_writer(writer: Any, *, marker: bool = False) -> Any:
     """tensorboardX's ``EventsWriter`` behind ``writer`` (reopened if closed), or None to use its methods."""
     open_file_writer = getattr(writer, "_get_file_writer", None)

@@ -97,3 +97,19 @@ def test_with_grad_norm_logger_only_the_first_rows_of_the_step_log_are_parsed(tm
     assert stack.doctor.codes == ["clipping-share"]
     assert "(72 of 72; steady state taken as steps 19-90" in stack.doctor.findings[0].evidence
     assert len(stack.doctor._rows._rows) == 50  # the loss window; the norms came from GradNormLogger
+
+
+def test_texts_are_written_as_add_text_writes_them(tmp_path):
+    from tensorboardX import SummaryWriter
+
+    from handlers.event_file import write_texts
+
+    direct, queued = SummaryWriter(str(tmp_path / "direct")), SummaryWriter(str(tmp_path / "queued"))
+    rows = [(0, "doctor/weight-decay-on-norms", "doctor [weight-decay-on-norms]: a line."), (40, "doctor/eval-mode", "b")]
+    write_texts(direct, rows)
+    for step, tag, text in rows:
+        queued.add_text(tag, text, step)
+    direct.close(), queued.close()
+    written = [event for event in read_events(tmp_path / "direct") if event.HasField("summary")]
+    expected = [event for event in read_events(tmp_path / "queued") if event.HasField("summary")]
+    assert [(e.step, e.summary) for e in written] == [(e.step, e.summary) for e in expected] and len(written) == 2
