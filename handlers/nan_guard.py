@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from ignite.engine import Engine, Events
 
+from engine_kit.events import StepEvents
 from engine_kit.state import StepOutput
 from engine_kit.stateful import add_save_veto
 from handlers.base import Handler, check_positive_int
@@ -17,22 +18,27 @@ from handlers.base import Handler, check_positive_int
 class NanGuard(Handler):
     """Stops training once a loss or a gradient norm is NaN or infinite.
 
-    Every iteration it keeps the micro-batch's loss (and, when the micro-batch
-    closed a window that the optimizer stepped, the pre-clip gradient norm) as
-    the step's own device tensors: no device op, no host sync. They are
-    checked together (one stack, one transfer of the stacked values) every
-    ``check_every`` iterations, at the end of each epoch, at the end of the
-    run, and whenever a checkpoint handler asks the save veto. Each value
-    keeps its iteration, so a non-finite loss at any micro-batch of a window
-    is named by its own iteration, however late the check that finds it.
-    Attaching the guard to a trainer sets its step's ``track_grad_norm``, so
-    the norm is there to check. On the first non-finite value it sets
-    ``engine.state.nan_detected``, writes ``engine.state.stopped_by`` (naming
-    the iteration where it appeared), warns once and calls ``engine.terminate()``.
+    It keeps every micro-batch's loss (and, for each window that the
+    optimizer stepped, the pre-clip gradient norm) as the step's own device
+    tensors: no device op, no host sync. On an ``engine_kit`` trainer it takes
+    them from the step when a window closes (the step records the open
+    window's losses, ``TrainStep.keep_window_losses``), so it runs no handler
+    per micro-batch; on any other engine it keeps each ``ITERATION_COMPLETED``
+    output. They are checked together (one stack, one transfer of the
+    stacked values) once ``check_every`` micro-batches have gathered (on a
+    trainer, at the window that reaches them), at the end of each epoch, at
+    the end of the run, and whenever a checkpoint handler asks the save veto.
+    Each value keeps its iteration, so a non-finite loss at any micro-batch of
+    a window is named by its own iteration, however late the check that
+    finds it. Attaching the guard to a trainer sets its step's
+    ``track_grad_norm``, so the norm is there to check. On the first
+    non-finite value it sets ``engine.state.nan_detected``, writes
+    ``engine.state.stopped_by`` (naming the iteration where it appeared),
+    warns once and calls ``engine.terminate()``.
 
-    The save veto checks at call time, including the output of the iteration
-    in progress, so a model updated from a NaN gradient is never saved as
-    "last" or "best" even between two periodic checks. fp16 steps that
+    The save veto checks at call time, including the micro-batches of the
+    window in progress, so a model updated from a NaN gradient is never saved
+    as "last" or "best" even between two periodic checks. fp16 steps that
     GradScaler skipped (an infinite norm is how it detects overflow) are not
     counted: the scaler already handled them.
 
@@ -66,10 +72,14 @@ class NanGuard(Handler):
     def __init__(self, *, check_every: int = 10) -> None:
         super().__init__()
         self.check_every = check_positive_int("check_every", check_every, 10)
-        # What to check and the iteration of each, read together at the next check: the
-        # trainer's StepOutputs whole (immutable tuples), other engines' loss and norm tensors.
-        self._pending: list[StepOutput | torch.Tensor] = []
+        # What to check and the iteration of each, read together at the next check: a trainer's
+        # closed windows (``_Window``), other engines' StepOutputs whole (immutable tuples) or
+        # loss and norm tensors.
+        self._pending: list[_Window | StepOutput | torch.Tensor] = []
         self._iterations: list[int] = []
+        self._gathered = 0  # micro-batches pending since the last check
+        self._step: Any = None  # the trainer's step, whose window losses are read (None: another engine)
+        self._taken: Any = None  # the step's list of the last window taken (the step starts a new list per window)
         self._last_output: Any = None
         self._nan_iteration: int | None = None
 
@@ -86,7 +96,7 @@ class NanGuard(Handler):
         return f"NanGuard: non-finite loss or gradient norm at iteration {self._nan_iteration}"
 
     def attach(self, engine: Engine) -> None:
-        """Watch every iteration of ``engine`` and veto its checkpoints once a value is non-finite."""
+        """Watch every micro-batch of ``engine`` and veto its checkpoints once a value is non-finite."""
         self._claim(engine)
         step = getattr(engine, "step", None)
         if step is not None:
@@ -94,20 +104,45 @@ class NanGuard(Handler):
         engine.state.nan_detected = False
         if not hasattr(engine.state, "stopped_by"):
             engine.state.stopped_by = None
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        if hasattr(step, "keep_window_losses"):
+            step.keep_window_losses = True  # the step records each window's losses: no handler per micro-batch
+            self._step = step
+            for event in (StepEvents.OPTIMIZER_STEP_COMPLETED, StepEvents.OPTIMIZER_STEP_SKIPPED):
+                engine.add_event_handler(event, self._window_closed)
+        else:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.check)
         engine.add_event_handler(Events.COMPLETED, self.check)
         add_save_veto(engine, self.veto)
 
     def __call__(self, engine: Engine) -> None:
-        """Keep this iteration's values; check them every ``check_every`` iterations."""
+        """Keep this iteration's values (engines without a trainer's step); check every ``check_every``."""
         state = engine.state
         # The veto may look at an iteration before ITERATION_COMPLETED does; the
         # output object itself tells whether it was already kept.
         if state.output is not self._last_output:
             self._observe(state.output, state.iteration)
-        if state.iteration % self.check_every == 0 or len(self._iterations) >= self.check_every:
+        if state.iteration % self.check_every == 0 or self._gathered >= self.check_every:
             self.check(engine)
+
+    def _window_closed(self, engine: Engine) -> None:
+        """Keep the window the step just closed; check once ``check_every`` micro-batches gathered."""
+        self._take_closed_window(engine.state)
+        if self._gathered >= self.check_every:
+            self.check(engine)
+
+    def _take_closed_window(self, state: Any) -> None:
+        # Right after a window closed (position 0, no new one opened), the step's list is that window's.
+        losses = self._step.window_losses
+        if state.window_position != 0 or losses is self._taken or not losses:
+            return
+        iteration = state.iteration
+        output = state.output
+        norm = output.grad_norm if type(output) is StepOutput and output.stepped else None
+        self._pending.append(_Window(losses, iteration, norm))
+        self._iterations.append(iteration)
+        self._gathered += len(losses)
+        self._taken = losses
 
     def _observe(self, output: Any, iteration: int) -> None:
         # References, not copies: the step hands out fresh tensors (and outputs) each time.
@@ -115,29 +150,41 @@ class NanGuard(Handler):
         if type(output) is StepOutput:  # unpacked at the check: one append here per micro-batch
             self._pending.append(output)
             self._iterations.append(iteration)
+            self._gathered += 1
             return
         loss = getattr(output, "loss", output)
         if not isinstance(loss, torch.Tensor):
             return  # an engine whose output carries no loss: nothing to guard
         self._pending.append(loss.detach() if loss.requires_grad else loss)
         self._iterations.append(iteration)
+        self._gathered += 1
         norm = getattr(output, "grad_norm", None) if getattr(output, "stepped", True) else None
         if isinstance(norm, torch.Tensor):
             self._pending.append(norm)
             self._iterations.append(iteration)
 
     def check(self, engine: Engine) -> bool:
-        """Read the pending flags (one host sync); stop ``engine`` on the first non-finite value.
+        """Read the pending values (one host sync); stop ``engine`` on the first non-finite one.
+
+        Includes the window in progress: its micro-batches so far are read now
+        (and again with their window once it closes).
 
         Returns:
             True once a non-finite value has been seen.
         """
         state = engine.state
-        if state.output is not self._last_output:
-            self._observe(state.output, state.iteration)
+        if self._step is None:
+            if state.output is not self._last_output:
+                self._observe(state.output, state.iteration)
+        else:
+            self._take_closed_window(state)
+            position = state.window_position
+            if position and self._step.keep_window_losses:  # the open window's micro-batches so far
+                self._pending.append(_Window(self._step.window_losses[:position], state.iteration, None))
+                self._iterations.append(state.iteration)
         if self._pending:
             pending, iterations = self._pending, self._iterations
-            self._pending, self._iterations = [], []
+            self._pending, self._iterations, self._gathered = [], [], 0
             if self._nan_iteration is None:
                 values, owners = _unpack(pending, iterations)
                 first = _first_non_finite(values)
@@ -161,21 +208,41 @@ class NanGuard(Handler):
         return None
 
 
-def _unpack(pending: list[StepOutput | torch.Tensor], iterations: list[int]) -> tuple[list[torch.Tensor], list[int]]:
+class _Window(NamedTuple):
+    """A trainer's window as the step recorded it: its micro-batch losses, its last iteration, its norm (or None)."""
+
+    losses: list[tuple[torch.Tensor, Any]]
+    last_iteration: int
+    norm: torch.Tensor | None
+
+
+def _unpack(pending: list[_Window | StepOutput | torch.Tensor], iterations: list[int]) -> tuple[list[torch.Tensor], list[int]]:
     """The tensors to check in ``pending`` and the iteration of each.
 
-    A StepOutput gives its loss (detached by the step) and, when it closed a
-    window that the optimizer stepped, its pre-clip gradient norm.
+    A window gives each micro-batch's loss (its micro-batches are the
+    iterations up to its last) and the step's norm; a StepOutput gives its
+    loss (detached by the step) and, when it closed a window that the
+    optimizer stepped, its pre-clip gradient norm.
 
+    >>> window = _Window([(torch.tensor(6.0), 2), (torch.tensor(7.0), 2)], 8, torch.tensor(9.0))
     >>> outputs = [StepOutput(torch.tensor(1.0), None, False, 4), StepOutput(torch.tensor(2.0), torch.tensor(3.0), True, 4)]
-    >>> values, owners = _unpack(outputs + [torch.tensor(5.0)], [1, 2, 3])
+    >>> values, owners = _unpack(outputs + [torch.tensor(5.0), window], [1, 2, 3, 8])
     >>> [v.item() for v in values], owners
-    ([1.0, 2.0, 3.0, 5.0], [1, 2, 2, 3])
+    ([1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 9.0], [1, 2, 2, 3, 7, 8, 8])
     """
     values: list[torch.Tensor] = []
     owners: list[int] = []
     for item, iteration in zip(pending, iterations):
-        if type(item) is not StepOutput:
+        kind = type(item)
+        if kind is _Window:
+            first = iteration - len(item.losses) + 1
+            values += [loss for loss, _ in item.losses]
+            owners += range(first, iteration + 1)
+            if item.norm is not None:
+                values.append(item.norm)
+                owners.append(iteration)
+            continue
+        if kind is not StepOutput:
             values.append(item)
             owners.append(iteration)
             continue

@@ -172,9 +172,42 @@ def test_values_are_checked_together_not_per_iteration(monkeypatch):
     first_non_finite = nan_guard_module._first_non_finite
     monkeypatch.setattr(nan_guard_module, "_first_non_finite",
                         lambda values: calls.append(len(values)) or first_non_finite(values))
-    trainer.run(BATCHES, max_epochs=1)  # 20 iterations: checks at 5, 10, 15, 20 and the epoch end, run end
-    # One read per check over every loss and norm since the last one (5 losses + 2 or 3 norms).
-    assert calls == [7, 8, 7, 8]
+    # 20 iterations in windows of 2: a check at the window that reaches 5 micro-batches (6, 12, 18),
+    # then the epoch end's (19-20); the run end finds nothing new.
+    trainer.run(BATCHES, max_epochs=1)
+    # One read per check over every loss and norm since the last one (6 losses + 3 norms, then 2 + 1).
+    assert calls == [9, 9, 9, 3]
+
+
+def test_a_trainer_runs_no_handler_per_micro_batch():
+    _, trainer = make_trainer(F.mse_loss, accumulation=4)
+    NanGuard(check_every=8).attach(trainer)
+    assert not trainer._event_handlers.get(Events.ITERATION_COMPLETED)  # the step records the window's losses
+    assert trainer.step.keep_window_losses is True
+
+
+def test_veto_inside_a_window_sees_its_micro_batches_so_far():
+    _, trainer = make_trainer(nan_from(6), accumulation=4)
+    NanGuard(check_every=100).attach(trainer)
+    seen = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def probe(engine):
+        seen.append((engine.state.iteration, save_refusal(engine) is not None))
+
+    with pytest.warns(RuntimeWarning, match="at iteration 6"):
+        trainer.run(BATCHES, max_epochs=1)
+    assert seen == [(1, False), (2, False), (3, False), (4, False), (5, False), (6, True)]
+
+
+def test_a_run_ended_inside_a_window_checks_that_window():
+    _, trainer = make_trainer(nan_from(6), accumulation=4)
+    guard = NanGuard(check_every=100)
+    guard.attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=6), lambda engine: engine.terminate())
+    with pytest.warns(RuntimeWarning, match="at iteration 6"):
+        state = trainer.run(BATCHES, max_epochs=1)  # stopped at 6, the second window half done
+    assert state.iteration == 6 and guard.nan_iteration == 6 and state.nan_detected is True
 
 
 @pytest.mark.parametrize("values, first", [
