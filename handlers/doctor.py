@@ -212,7 +212,7 @@ class Doctor(Handler):
             "planned_steps": self._planned,
             "val_history": list(getattr(getattr(trainer, "state", None), "val_history", []) or []),
             "best_checkpoint": best and best.get("name"),
-            "settings": dataclasses.asdict(self.settings),
+            "settings": {field.name: getattr(self.settings, field.name) for field in dataclasses.fields(self.settings)},
         }
 
     def _write(self) -> None:
@@ -313,10 +313,12 @@ class Doctor(Handler):
             return  # the last epoch's review saw every step, and the loss window was complete
         self._reviewed_steps = max(steps, 1)
         rows = self._rows.rows(self.settings.loss_window)
-        if getattr(engine.state, "nan_detected", False) or first_non_finite(rows) is not None:
+        bad = first_non_finite(rows)
+        if getattr(engine.state, "nan_detected", False) or bad is not None:
             rows = self._rows.rows(self.settings.loss_window, complete=True)  # to name the step and the loss
+            bad = first_non_finite(rows)
         bad_groups = None
-        if final and first_non_finite(rows) is not None and "non-finite" not in self.codes:
+        if final and bad is not None and "non-finite" not in self.codes:
             bad_groups = parameter_groups_with_non_finite(engine.step.optimizer)  # once, at the end
         found = check_steps(rows, engine.step.max_grad_norm, self._planned or len(rows), self.settings,
                             final=final, bad_groups=bad_groups)

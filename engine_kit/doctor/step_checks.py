@@ -6,6 +6,7 @@ Rows are dicts with ``step``, ``loss``, ``grad_norm``, ``clipped`` and
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from typing import Any, Sequence
@@ -48,7 +49,11 @@ def check_non_finite(rows: Sequence[Row], bad_groups: list[int] | None = None) -
     >>> check_non_finite(rows)[0].evidence.split(":")[0]
     'step 2 is the first with a non-finite value'
     """
-    row = first_non_finite(rows)
+    return _non_finite(rows, first_non_finite(rows), bad_groups)
+
+
+def _non_finite(rows: Sequence[Row], row: Row | None, bad_groups: list[int] | None) -> list[Finding]:
+    # check_non_finite once the first non-finite row (or None) is known.
     if row is None:
         return []
     loss, norm = row.get("loss"), row.get("grad_norm")
@@ -72,8 +77,14 @@ def check_non_finite(rows: Sequence[Row], bad_groups: list[int] | None = None) -
 
 def _finite_prefix(rows: Sequence[Row]) -> list[Row]:
     """The stepped rows before the first non-finite one."""
-    bad = first_non_finite(rows)
-    return [r for r in stepped(rows) if bad is None or r["step"] < bad["step"]]
+    return _stepped_before(rows, first_non_finite(rows))
+
+
+def _stepped_before(rows: Sequence[Row], bad: Row | None) -> list[Row]:
+    # The stepped rows before ``bad`` (all of them when it is None).
+    if bad is None:
+        return stepped(rows)
+    return [r for r in stepped(rows) if r["step"] < bad["step"]]
 
 
 def check_loss_trend(rows: Sequence[Row], settings: DoctorSettings, *, final: bool) -> list[Finding]:
@@ -91,7 +102,7 @@ def check_loss_trend(rows: Sequence[Row], settings: DoctorSettings, *, final: bo
 
 def _loss_trend(clean: Sequence[Row], settings: DoctorSettings, *, final: bool) -> list[Finding]:
     # check_loss_trend over rows already cut at the first non-finite one.
-    window = [r for r in clean if _finite(r.get("loss"))][: settings.loss_window]
+    window = list(itertools.islice((r for r in clean if _finite(r.get("loss"))), settings.loss_window))
     if len(window) < settings.min_trend_steps or (len(window) < settings.loss_window and not final):
         return []
     quarter = max(1, len(window) // 4)
@@ -212,9 +223,10 @@ def _grad_norm_trend(steady_and_first: tuple[list[Row], int], planned: int, sett
 def check_steps(rows: Sequence[Row], max_grad_norm: float | None, planned: int, settings: DoctorSettings,
                 *, final: bool, bad_groups: list[int] | None = None) -> list[Finding]:
     """Every step-log check: non-finite values, loss trend, clipping share, gradient-norm trend."""
-    findings = check_non_finite(rows, bad_groups)
+    bad = first_non_finite(rows)
+    findings = _non_finite(rows, bad, bad_groups)
     # The finite prefix and the steady state once here, shared by the checks below.
-    clean = _finite_prefix(rows)
+    clean = _stepped_before(rows, bad)
     steady = _steady_state(clean, planned, settings)
     findings += _loss_trend(clean, settings, final=final)
     if _clips(clean, max_grad_norm):
