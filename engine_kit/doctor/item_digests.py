@@ -6,7 +6,7 @@ In general each input gets a SHA-256 digest (shape and bytes, one stacked copy
 per run of same-layout tensors) and digests are compared. When each side's
 sample is one run of tensors of a single layout that fits in one chunk (a
 small dataset of same-size tensors, the common case), the two stacked copies
-are compared row by row instead: a 64-bit sum of each row's bytes finds the
+(two chunks at most in memory) are compared row by row instead: a 64-bit sum of each row's bytes finds the
 rows that may be equal and only those are compared byte for byte. That
 answers exactly what the digests would, without hashing every byte.
 """
@@ -234,15 +234,20 @@ def count_identical(train: Any, val: Any, val_items: int, train_items: int) -> t
     (2, 3, 8)
     """
     with _random_state_kept(train, val):
+        # The validation sample is read whole before the training one, as the digests alone would read them.
         val_run, val_rest = _one_run(_sample_inputs(val, val_items))
-        train_run, train_rest = _one_run(_sample_inputs(train, train_items))
-        if val_rest is None and train_rest is None and val_run and train_run:
-            try:
-                return _compare_runs(val_run, train_run)
-            except (TypeError, RuntimeError):  # tensors stack cannot copy (devices, layouts): through digests
-                pass
-        val_digests = _digests(itertools.chain(val_run, val_rest or ()))
-        train_digests = set(_digests(itertools.chain(train_run, train_rest or ())))
+        if val_rest is not None:
+            val_digests = _digests(itertools.chain(val_run, val_rest))
+            train_digests = set(_digests(_sample_inputs(train, train_items)))
+        else:
+            train_run, train_rest = _one_run(_sample_inputs(train, train_items))
+            if train_rest is None and val_run and train_run:
+                try:
+                    return _compare_runs(val_run, train_run)
+                except (TypeError, RuntimeError):  # tensors stack cannot copy (devices, layouts): through digests
+                    pass
+            val_digests = _digests(val_run)
+            train_digests = set(_digests(itertools.chain(train_run, train_rest or ())))
     return sum(digest in train_digests for digest in val_digests), len(val_digests), len(train_digests)
 
 

@@ -110,3 +110,25 @@ def test_single_run_samples_are_compared_without_digests(monkeypatch):
     train, val = colliding_samples()
     monkeypatch.setattr(data_checks, "_digests", no_digests)
     assert data_checks.count_identical(train, val, 256, 4096) == (4, 6, 28)
+
+
+@pytest.mark.parametrize("mixed_val", [False, True])
+def test_the_validation_sample_is_read_before_the_training_sample(mixed_val):
+    reads = []
+
+    class Logged(torch.utils.data.Dataset):
+        def __init__(self, name: str, items: list) -> None:
+            self.name, self.items = name, items
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+        def __getitem__(self, i: int):
+            reads.append(self.name)
+            return self.items[i]
+
+    train, val = colliding_samples()
+    if mixed_val:
+        val = val[:2] + [("text", 0)] + val[2:]
+    data_checks.count_identical(Logged("train", train), Logged("val", val), 256, 4096)
+    assert reads == ["val"] * len(val) + ["train"] * len(train)
