@@ -137,6 +137,13 @@ class AsyncCommits:
         """Wait for the commit in flight and collect its outcome (``CheckpointWriteError`` if it failed)."""
         self._saves.settle()
 
+    def close(self) -> None:
+        """:meth:`flush`, then let the writer thread exit (a later commit starts a new one)."""
+        try:
+            self._saves.settle()
+        finally:
+            self._saves.stop_writer()
+
     def wait_unless_writer(self) -> None:
         """Block until the commit in flight is written, unless called by its writer thread (the commit itself)."""
         job = self._saves.job

@@ -2,8 +2,9 @@
 
 The write path:
 
-1. ``mkstemp`` in the *same* directory as the final name, with an engine_kit
-   name (``.ek-tmp-<pid>-<random>``), write, ``flush``, ``os.fsync(file)``.
+1. :func:`create_temp` in the *same* directory as the final name, with an
+   engine_kit name (``.ek-tmp-<pid>-<count><random>``), write, ``flush``,
+   ``os.fsync(file)``.
 2. ``os.replace(tmp, final)`` (the index), or for a name that must never be
    replaced (a checkpoint) ``os.link(tmp, final)``, which fails if anything
    is there, then unlink the temp; then ``fsync`` the directory.
@@ -33,9 +34,9 @@ b'hello'
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
-import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -49,13 +50,56 @@ TEMP_PREFIX = ".ek-tmp-"
 _DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
 
 
+_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_TEMP_ATTEMPTS = 100
+_temp_count = itertools.count()  # next() on it is atomic under the GIL: threads never share a number
+
+
 def temp_prefix() -> str:
-    """The ``mkstemp`` prefix for this process: ``.ek-tmp-<pid>-``.
+    """The temp file prefix for this process: ``.ek-tmp-<pid>-``.
 
     >>> temp_prefix().startswith(TEMP_PREFIX)
     True
     """
     return f"{TEMP_PREFIX}{os.getpid()}-"
+
+
+def _temp_suffix() -> str:
+    """A name part no other temp of this process has had; random bytes guard against a recycled pid."""
+    return f"{next(_temp_count)}{os.urandom(3).hex()}"
+
+
+def create_temp(directory: str) -> tuple[int, str]:
+    """Create a new, empty temp file in ``directory``, readable and writable by its owner only.
+
+    ``tempfile.mkstemp`` does the same, but draws its names through a Python
+    random generator; on a background writer every microsecond of Python holds
+    the interpreter lock the training thread needs. A name already taken is
+    retried with the next one (``O_CREAT | O_EXCL``: an existing file is never opened).
+
+    Args:
+        directory: where to create it.
+
+    Returns:
+        ``(fd, path)``: a descriptor open for reading and writing, and the file's path.
+
+    Raises:
+        FileExistsError: every one of 100 names was taken.
+        OSError: the directory is missing, not writable, full...
+
+    >>> import tempfile
+    >>> fd, path = create_temp(tempfile.mkdtemp())
+    >>> os.close(fd); os.path.basename(path).startswith(temp_prefix())
+    True
+    """
+    prefix = os.path.join(directory, temp_prefix())
+    for _attempt in range(_TEMP_ATTEMPTS):
+        path = prefix + _temp_suffix()
+        try:
+            return os.open(path, _TEMP_FLAGS, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"{_TEMP_ATTEMPTS} temp names in a row were taken", prefix)
 
 
 def fsync_directory(path: str | os.PathLike[str]) -> None:
@@ -94,7 +138,7 @@ def probe_writable(path: str, create: bool) -> None:
             os.makedirs(path, exist_ok=True)
         elif not os.path.isdir(path):
             raise FileNotFoundError(f"{path!r} does not exist")
-        fd, probe = tempfile.mkstemp(dir=path, prefix=temp_prefix())
+        fd, probe = create_temp(path)
         try:
             os.write(fd, b"probe")
             os.fsync(fd)
@@ -110,9 +154,9 @@ def probe_writable(path: str, create: bool) -> None:
         ) from exc
 
 
-def _refuse_symlink(path: str) -> None:
-    """Raise when ``path`` is a symlink: we never write through (or at) one."""
-    if os.path.islink(path):
+def _refuse_symlink(path: str, mode: int | None) -> None:
+    """Raise when ``path`` (whose ``lstat`` mode is ``mode``) is a symlink: we never write through (or at) one."""
+    if mode is not None and stat.S_ISLNK(mode):
         raise CheckpointWriteError(
             fix_message(
                 f"Refusing to write {path!r}: it is a symlink (to {os.readlink(path)!r}) and "
@@ -122,13 +166,12 @@ def _refuse_symlink(path: str) -> None:
         )
 
 
-def _refuse_occupied(path: str, replace: bool) -> None:
-    """Raise when something we must not replace sits at ``path``.
+def _refuse_occupied(path: str, replace: bool, mode: int | None) -> None:
+    """Raise when something we must not replace sits at ``path`` (whose ``lstat`` mode is ``mode``).
 
     A directory, FIFO or device is never replaced (and must not be reported
     as a full disk); with ``replace=False`` nothing at all is.
     """
-    mode = lstat_kind(path)
     if mode is None:
         return
     if not replace:
@@ -161,7 +204,7 @@ def _move_into_place(tmp: str, final: str, replace: bool) -> None:
     except OSError:
         # No hard links on this filesystem: the check-then-rename is still
         # safe against engine_kit writers, which hold the directory lock.
-        _refuse_occupied(final, replace=False)
+        _refuse_occupied(final, False, lstat_kind(final))
         os.replace(tmp, final)
         return
     os.unlink(tmp)
@@ -209,10 +252,11 @@ def atomic_write(
     """
     final = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(final)
-    _refuse_symlink(final)
-    _refuse_occupied(final, replace)
+    mode = lstat_kind(final)
+    _refuse_symlink(final, mode)
+    _refuse_occupied(final, replace, mode)
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix())
+        fd, tmp = create_temp(directory)
     except OSError as exc:
         raise CheckpointWriteError(
             fix_message(

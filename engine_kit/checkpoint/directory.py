@@ -132,7 +132,8 @@ class CheckpointDirectory(IndexedReader):
             CheckpointWriteError: an asynchronous commit failed (the lock is released all the same).
         """
         try:
-            self.flush()
+            if self._commits is not None:
+                self._commits.close()  # flush(), and the writer thread exits
         finally:
             if self._lock is not None:
                 self._lock.release()

@@ -40,10 +40,9 @@ import socket
 import time
 import uuid
 import warnings
-import tempfile
 import weakref
 
-from engine_kit.checkpoint.atomic import atomic_write, fsync_directory, temp_prefix
+from engine_kit.checkpoint.atomic import atomic_write, create_temp, fsync_directory
 from engine_kit.checkpoint.regular import open_regular
 from engine_kit.errors import CheckpointWriteError, NotARegularFileError, fix_message
 
@@ -219,7 +218,7 @@ class DirectoryLock:
             FileExistsError: the lock is held.
         """
         directory = os.path.dirname(self.path)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix())
+        fd, tmp = create_temp(directory)
         try:
             with os.fdopen(fd, "wb") as fileobj:
                 fileobj.write(content)

@@ -51,6 +51,29 @@ def _tensor_problem(tensor: torch.Tensor) -> str | None:
     return None
 
 
+def _all_loadable(payload: dict[str, Any]) -> bool:
+    """Whether everything in ``payload`` can be loaded back: the walk of every save, building no key path."""
+    seen: set[int] = set()
+    stack: list[Any] = [payload]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind in _LEAF_TYPES:
+            continue
+        if kind in _TENSOR_TYPES:
+            if _tensor_problem(value) is not None:
+                return False
+        elif kind in _MAPPING_TYPES or kind in _SEQUENCE_TYPES:
+            if id(value) not in seen:
+                seen.add(id(value))
+                stack.extend(value)  # a mapping's keys, or a sequence's items
+                if kind in _MAPPING_TYPES:
+                    stack.extend(value.values())
+        else:
+            return False
+    return True
+
+
 def check_payload_types(payload: dict[str, Any]) -> None:
     """Raise if anything in ``payload`` could not be loaded back from a checkpoint.
 
@@ -64,7 +87,9 @@ def check_payload_types(payload: dict[str, Any]) -> None:
         TypeError: a value of another type (a numpy array, a custom class, a
             namedtuple, a sparse tensor...), naming its key path.
     """
-    seen: set[int] = set()
+    if _all_loadable(payload):
+        return
+    seen: set[int] = set()  # found one: walk again, naming key paths this time
     stack: list[tuple[str, Any]] = [("payload", payload)]
     while stack:
         where, value = stack.pop()

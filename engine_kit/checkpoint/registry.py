@@ -8,7 +8,8 @@ is missing, damaged or disagrees with the files
 
 It is rewritten whole with :func:`atomic_write`, so a crash leaves either
 the old or the new index, and it carries a SHA-256 of its own content so a
-hand edit or a flipped byte is detected rather than believed. Its JSON::
+hand edit or a flipped byte is detected rather than believed. Its JSON
+(written compact, on one line; shown here spread out)::
 
     {"format_version": 2,
      "entries": [{"name": "step00000100-00003.ekpt", "sha256": "<64 hex>", "size": 1234,
@@ -203,10 +204,17 @@ class RegistryContents(NamedTuple):
     found: bool = False
 
 
+def _canonical_json(body: dict[str, Any]) -> bytes:
+    """The canonical JSON of ``body``: sorted keys, no spaces (json's C encoder writes it).
+
+    ``allow_nan=False``: a bare NaN would make the file unreadable to strict JSON parsers.
+    """
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
 def _content_digest(document: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``document`` without its ``digest`` key."""
-    body = {key: value for key, value in document.items() if key != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")).hexdigest()
+    return hashlib.sha256(_canonical_json({key: value for key, value in document.items() if key != "digest"})).hexdigest()
 
 
 def _unreadable(path: str, reason: str) -> CheckpointCorruptError:
@@ -351,9 +359,10 @@ def write_registry(
         "set_aside": {validate_name(name): info for name, info in sorted(set_aside.items()) if name not in registered},
         "next_order": max([next_order or 1, current.next_order, *(entry.order + 1 for entry in ordered)]),
     }
-    document["digest"] = _content_digest(document)
-    # allow_nan=False: a bare NaN would make the file unreadable to strict JSON parsers.
-    data = json.dumps(document, indent=1, allow_nan=False).encode("utf-8")
+    # The file is the canonical JSON the digest covers, with the digest added as its last key:
+    # one encoding serves both (a reader re-encodes what it parsed without the digest to check it).
+    body = _canonical_json(document)
+    data = b"%s,\"digest\":\"%s\"}" % (body[:-1], hashlib.sha256(body).hexdigest().encode("ascii"))
     atomic_write(
         os.path.join(os.fspath(directory), REGISTRY_NAME),
         lambda fileobj: fileobj.write(data),

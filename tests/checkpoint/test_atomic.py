@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine_kit.checkpoint import TEMP_PREFIX, CheckpointDirectory, atomic_write, sweep_stale_temps
+from engine_kit.checkpoint import atomic as atomic_module
 from engine_kit.errors import CheckpointWriteError
 from tests.checkpoint.conftest import listing, make_payload
 
@@ -190,3 +191,42 @@ def test_case5_sweep_removes_only_engine_kit_temps(tmp_path: Path) -> None:
     assert removed == sorted([*ours, f"{TEMP_PREFIX}link"])
     assert sorted(os.listdir(folder)) == sorted([*theirs, f"{TEMP_PREFIX}dir"])
     assert outside.read_bytes() == b"keep"  # the link was removed, not followed
+
+
+def test_a_temp_name_already_taken_is_skipped_and_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = iter(["taken", "taken", "free"])
+    monkeypatch.setattr(atomic_module, "_temp_suffix", lambda: next(names))
+    theirs = tmp_path / f"{atomic_module.temp_prefix()}taken"
+    theirs.write_bytes(b"another writer's temp")
+    atomic_write(tmp_path / "out.bin", lambda f: f.write(b"new"))
+    assert (tmp_path / "out.bin").read_bytes() == b"new" and theirs.read_bytes() == b"another writer's temp"
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o600  # as private as tempfile.mkstemp's files
+    assert sorted(_temps(tmp_path)) == [theirs.name]
+
+
+def test_when_every_temp_name_is_taken_the_write_fails_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(atomic_module, "_temp_suffix", lambda: "taken")
+    (tmp_path / f"{atomic_module.temp_prefix()}taken").write_bytes(b"x")
+    (tmp_path / "out.bin").write_bytes(b"old")
+    with pytest.raises(CheckpointWriteError, match="Cannot create a temp file.*To fix:") as caught:
+        atomic_write(tmp_path / "out.bin", lambda f: f.write(b"new"))
+    assert isinstance(caught.value.__cause__, FileExistsError)
+    assert (tmp_path / "out.bin").read_bytes() == b"old"
+
+
+def test_temps_made_by_several_threads_are_distinct_files_the_sweep_finds(tmp_path: Path) -> None:
+    made: list[str] = []
+
+    def make() -> None:
+        for _ in range(50):
+            fd, path = atomic_module.create_temp(str(tmp_path))
+            os.close(fd)
+            made.append(os.path.basename(path))
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(made)) == 200 and all(name.startswith(f"{TEMP_PREFIX}{os.getpid()}-") for name in made)
+    assert sorted(sweep_stale_temps(tmp_path)) == sorted(made)  # the sweep finds them all

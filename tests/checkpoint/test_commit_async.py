@@ -186,6 +186,7 @@ def test_rotate_out_deletes_the_older_file_once_the_new_one_is_durable(tmp_path:
 
 
 def test_bad_arguments_are_refused_on_the_calling_thread_before_anything_is_written(tmp_path: Path) -> None:
+    writers_before = {t for t in threading.enumerate() if t.name == WRITER_THREAD_NAME}  # idle ones of earlier tests
     with CheckpointDirectory(tmp_path) as ckpts:
         with pytest.raises(ValueError, match="step"):
             ckpts.commit_async("step-1.ekpt", make_payload(1, numel=8), step=-1, epoch=0)
@@ -195,7 +196,7 @@ def test_bad_arguments_are_refused_on_the_calling_thread_before_anything_is_writ
             ckpts.commit_async("step-1.ekpt", make_payload(1, numel=8), step=1, epoch=0, on_serialized=print)
         with pytest.raises(ValueError):
             ckpts.commit_async("../escape.ekpt", make_payload(1, numel=8), step=1, epoch=0)
-        assert ckpts.entries() == [] and not [t for t in threading.enumerate() if t.name == WRITER_THREAD_NAME]
+        assert ckpts.entries() == [] and not {t for t in threading.enumerate() if t.name == WRITER_THREAD_NAME} - writers_before
     with pytest.raises(CheckpointWriteError, match="closed"):
         ckpts.commit_async("step-1.ekpt", make_payload(1, numel=8), step=1, epoch=0)
     with pytest.raises(CheckpointWriteError, match="read_only"):

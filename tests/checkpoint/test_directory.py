@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -26,6 +25,7 @@ from engine_kit.checkpoint import (
     load_checkpoint_file,
     sha256_file,
 )
+from engine_kit.checkpoint import atomic as atomic_module
 from engine_kit.checkpoint import directory as directory_module
 from engine_kit.checkpoint import reader as reader_module
 from engine_kit.checkpoint import registry as registry_module
@@ -124,7 +124,7 @@ def test_case8_probe_write_failure_fails_at_construction(tmp_path: Path, monkeyp
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(atomic_module, "create_temp", refuse)
     with pytest.raises(CheckpointWriteError, match="Permission denied.*To fix:"):
         CheckpointDirectory(tmp_path)
     assert not (tmp_path / LOCK_NAME).exists()

@@ -210,3 +210,30 @@ def test_a_listing_answers_even_when_the_repaired_index_cannot_be_saved(tmp_path
         with pytest.raises(CheckpointWriteError, match="No space left"):
             ckpts.commit(ckpts.next_name(40), make_payload(40, numel=4), step=40, epoch=2)
     assert _checkpoint_files(tmp_path).keys() == {e.name for e in original}
+
+
+def test_the_registry_is_written_as_one_compact_line_and_an_indented_one_still_reads(tmp_path: Path) -> None:
+    original = _three_checkpoints(tmp_path)
+    raw = (tmp_path / REGISTRY_NAME).read_bytes()
+    document = json.loads(raw)
+    assert b"\n" not in raw and b", " not in raw and list(document)[-1] == "digest"
+    assert document["digest"] == registry_module._content_digest(document)
+    (tmp_path / REGISTRY_NAME).write_text(json.dumps(document, indent=1))  # the same index, spread out as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no repair: the digest covers the content, not its layout
+        assert CheckpointDirectory(tmp_path, read_only=True).entries() == original
+
+
+def test_non_ascii_tags_and_non_finite_metrics_keep_the_digest_valid(tmp_path: Path) -> None:
+    entries = [
+        RegistryEntry("step00000001-00001.ekpt", "a" * 64, 10, 1, 0, ("bést", "最後"), float("nan"), 1.5, 1, "run-é"),
+        RegistryEntry("step00000002-00002.ekpt", "b" * 64, 10, 2, 0, (), float("-inf"), 2.25, 2, None),
+    ]
+    registry_module.write_registry(tmp_path, entries, ["step00000000-00000.ekpt"], set_aside={"x.ekpt": {"reason": "ü", "size": 1}}, next_order=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        contents = registry_module.read_registry(tmp_path)
+    assert [entry.name for entry in contents.entries] == [entry.name for entry in entries]
+    assert contents.entries[0].tags == ("bést", "最後") and contents.entries[1].metric == float("-inf")
+    assert contents.pending == ["step00000000-00000.ekpt"] and contents.set_aside == {"x.ekpt": {"reason": "ü", "size": 1}}
+    assert contents.next_order == 7
