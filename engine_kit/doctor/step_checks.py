@@ -135,7 +135,9 @@ def steady_state(rows: Sequence[Row], planned: int, settings: DoctorSettings) ->
 def _steady_state(clean: Sequence[Row], planned: int, settings: DoctorSettings) -> tuple[list[Row], int]:
     # steady_state over rows already cut at the first non-finite one.
     warmup = int(settings.steady_after * max(planned, 1))
-    return [r for r in clean if r["step"] > warmup and _finite(r.get("grad_norm"))], warmup + 1
+    isfinite = math.isfinite  # this runs over every step of the log
+    steady = [r for r in clean if r["step"] > warmup and (norm := r.get("grad_norm")) is not None and isfinite(norm)]
+    return steady, warmup + 1
 
 
 def _describe_steady(steady: Sequence[Row], first: int, planned: int, settings: DoctorSettings) -> str:
@@ -167,8 +169,11 @@ def _clipping(steady_and_first: tuple[list[Row], int], max_grad_norm: float | No
     steady, first = steady_and_first
     if len(steady) < settings.min_steady_steps:
         return []
-    clipped = [r for r in steady if r.get("clipped") or (max_grad_norm is not None and r["grad_norm"] > max_grad_norm)]
-    share = len(clipped) / len(steady)
+    if max_grad_norm is None:
+        clipped = sum(1 for r in steady if r.get("clipped"))
+    else:
+        clipped = sum(1 for r in steady if r.get("clipped") or r["grad_norm"] > max_grad_norm)
+    share = clipped / len(steady)
     if share <= settings.clip_share:
         return []
     norms = sorted(r["grad_norm"] for r in steady)
@@ -179,7 +184,7 @@ def _clipping(steady_and_first: tuple[list[Row], int], max_grad_norm: float | No
         "clipping-share",
         f"{share:.0%} of steady-state optimizer steps were clipped at "
         f"{'the clip threshold' if max_grad_norm is None else f'max_grad_norm={max_grad_norm:g}'} "
-        f"({len(clipped)} of {len(steady)}; {_describe_steady(steady, first, planned, settings)}); "
+        f"({clipped} of {len(steady)}; {_describe_steady(steady, first, planned, settings)}); "
         f"median pre-clip norm {statistics.median(norms):.3g}, above the {settings.clip_share:.0%} limit: "
         "clipping rescales nearly every update instead of catching rare spikes.",
         f"raise max_grad_norm to about {suggestion:g} (above {1 - settings.clip_share / 2:.1%} of these norms), "
