@@ -274,9 +274,9 @@ class CheckpointDirectory(IndexedReader):
         info = save_checkpoint_file(os.path.join(self.path, name), payload, record=record, replace=False, sync_directory=False,
                                     on_serialized=on_serialized)
         entry = RegistryEntry(name, info.sha256, info.size_bytes, step, epoch, new_tags.get(name, tags), metric, record.created, record.order, run_id)
-        kept = [dataclasses.replace(e, tags=new_tags.get(e.name, e.tags)) for e in state.entries if e.name not in doomed]
+        kept = [dataclasses.replace(e, tags=new_tags[e.name]) if e.name in new_tags else e for e in state.entries if e.name not in doomed]
         try:
-            self._write([*kept, entry], [*state.pending, *doomed], state, record.order + 1, durable=False)
+            written = self._write([*kept, entry], [*state.pending, *doomed], state, record.order + 1, durable=False, remember=False)
         except CheckpointError:
             # Not indexed, so it is ours alone to take back.
             self._unlink_regular(name, quiet=True)
@@ -292,7 +292,7 @@ class CheckpointDirectory(IndexedReader):
                 )
             ) from exc
         # A lost unlink is finished at the next open (pending in the index).
-        self._forget_pending([doomed_name for doomed_name in doomed if self._unlink_regular(doomed_name)])
+        self._forget_pending(written, [doomed_name for doomed_name in doomed if self._unlink_regular(doomed_name)])
         return entry
 
     def remove(self, names: Iterable[str]) -> list[str]:

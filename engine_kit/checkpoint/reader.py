@@ -113,17 +113,14 @@ class IndexedReader:
         fingerprint = self._fingerprint(state.entries)
         self._cached = None if fingerprint is None else (fingerprint, state)
 
-    def _forget_pending(self, deleted: list[str]) -> None:
-        """This instance just unlinked ``deleted`` (pending in its index): keep the cached index valid without them.
+    def _forget_pending(self, written: IndexState, deleted: list[str]) -> None:
+        """Cache ``written`` (this instance's last index write) without the pending names it just unlinked.
 
         The unlinks change the directory's fingerprint; re-reading the index
         for that (its registry and every listed file's record) would only find
         what is known here: the same entries, minus the deleted pending names.
         """
-        if not deleted or self._cached is None:
-            return
-        state = self._cached[1]
-        self._remember(state._replace(pending=[name for name in state.pending if name not in deleted]))
+        self._remember(written._replace(pending=[name for name in written.pending if name not in deleted]))
 
     def _stat_adopted(self, state: IndexState) -> dict[str, tuple[int, int, RegistryEntry]]:
         adopted = {}
@@ -137,9 +134,25 @@ class IndexedReader:
         return adopted
 
     def _write(
-        self, entries: list[RegistryEntry], pending: list[str], state: IndexState, next_order: int | None = None, *, durable: bool = True
-    ) -> None:
-        """Replace the registry with this index, and cache it (the write is this instance's own)."""
+        self,
+        entries: list[RegistryEntry],
+        pending: list[str],
+        state: IndexState,
+        next_order: int | None = None,
+        *,
+        durable: bool = True,
+        remember: bool = True,
+    ) -> IndexState:
+        """Replace the registry with this index, and cache it (the write is this instance's own).
+
+        Args:
+            remember: False: the caller changes the directory further (unlinks)
+                and caches the returned index itself (:meth:`_forget_pending`),
+                sparing a fingerprint that would be stale at once.
+
+        Returns:
+            The index as written.
+        """
         self._cached = None
         order = max([next_order or state.next_order, state.next_order, *(entry.order + 1 for entry in entries)])
         write_registry(self.path, entries, pending, set_aside=state.set_aside, next_order=order, durable=durable)
@@ -147,7 +160,9 @@ class IndexedReader:
         written = IndexState(
             sorted(entries, key=sort_key), sorted(set(pending) - listed), state.set_aside, order, None, [], [], [], {}
         )
-        self._remember(written)
+        if remember:
+            self._remember(written)
+        return written
 
     def excluded_files(self) -> dict[str, str]:
         """Checkpoint-named files kept in the directory but not indexed (set aside), with the reason for each."""
