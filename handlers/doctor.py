@@ -146,6 +146,7 @@ class Doctor(Handler):
         self._reviewed_steps = 0
         self._with_gradient: set[int] = set()
         self._handles: dict[str, RemovableEventHandle] = {}
+        self._written: tuple[str, str] | None = None  # (path, text) of doctor.json as last written
 
     # -- wiring ----------------------------------------------------------------
     def attach(self, trainer: Engine) -> None:
@@ -219,10 +220,13 @@ class Doctor(Handler):
         if self.path is None or not self._reporting:
             return
         text = doctor_json([f.to_dict() for f in self.findings], self._context())
+        if self._written == (self.path, text):
+            return  # the file already says this (a report at the run's end, then its final write)
         temporary = f"{self.path}.tmp"
         with open(temporary, "wb") as f:
             f.write(text.encode("utf-8"))
         os.replace(temporary, self.path)
+        self._written = (self.path, text)
 
     # -- before the first step -------------------------------------------------
     def _before_first_step(self, engine: Engine) -> None:

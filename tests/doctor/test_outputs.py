@@ -97,6 +97,14 @@ def test_with_grad_norm_logger_only_the_first_rows_of_the_step_log_are_parsed(tm
     assert stack.doctor.codes == ["clipping-share"]
     assert "(72 of 72; steady state taken as steps 19-90" in stack.doctor.findings[0].evidence
     assert len(stack.doctor._rows._rows) == 50  # the loss window; the norms came from GradNormLogger
+    # doctor.json is rewritten only when its text changes (or its path does).
+    path = tmp_path / "doctor.json"
+    inode, text = path.stat().st_ino, path.read_text()
+    stack.doctor._write()
+    assert path.stat().st_ino == inode and path.read_text() == text
+    stack.doctor.path = str(tmp_path / "moved.json")
+    stack.doctor._write()
+    assert (tmp_path / "moved.json").read_text() == text
 
 
 def test_texts_are_written_as_add_text_writes_them(tmp_path):
