@@ -38,3 +38,17 @@ def test_steady_state_iterations_do_not_sync(precision):
         torch.cuda.set_sync_debug_mode(0)
     assert doctor.codes == []
     assert not doctor._handles.keys() - {"record"}  # only the step recorder (no StepLog here) stays
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overlap_count_of_cuda_inputs_equals_that_of_their_host_copies(dtype):
+    from engine_kit.doctor.item_digests import count_identical
+
+    gen = torch.Generator().manual_seed(0)
+    train = [(torch.randn(3, 5, generator=gen).to(dtype), 0) for _ in range(12)]
+    val = [train[2], train[7], (torch.randn(3, 5, generator=gen).to(dtype), 0)]
+
+    def on_cuda(items):
+        return [(x.cuda(), y) for x, y in items]
+
+    assert count_identical(on_cuda(train), on_cuda(val), 256, 4096) == count_identical(train, val, 256, 4096) == (2, 3, 12)
