@@ -56,7 +56,7 @@ WRITER_NICENESS = 5
 EXIT_WAIT_S = 120.0
 """How long the interpreter's exit waits for a write in flight (the run's own end waits for it fully)."""
 IDLE_EXIT_S = 2.0
-"""How long the writer thread waits for the next save before it exits (a thread start per save costs the caller ~0.4 ms)."""
+"""How long the writer thread waits for the next save before it exits (saves that keep coming reuse it: no thread start each)."""
 
 _LOG_AT = frozenset({1, 10, 100, 1000, 10000})  # back-pressure is logged at the 1st, 10th, 100th... wait
 _log = logging.getLogger("engine_kit.checkpoint")

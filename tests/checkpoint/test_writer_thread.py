@@ -13,7 +13,7 @@ from engine_kit.checkpoint import CheckpointDirectory
 from engine_kit.checkpoint import background as background_module
 from engine_kit.checkpoint.background import WRITER_NICENESS, WRITER_THREAD_NAME, BackgroundSaves
 from engine_kit.errors import CheckpointWriteError
-from tests.checkpoint.conftest import make_payload
+from tests.checkpoint.conftest import make_payload, run_python
 
 
 def _writer_of(saves: BackgroundSaves) -> threading.Thread:
@@ -105,3 +105,19 @@ def test_closing_a_directory_lets_its_writer_exit(tmp_path: Path) -> None:
     writer.join(background_module.IDLE_EXIT_S / 2)  # close() told it to exit: no idle wait
     assert not writer.is_alive()
     assert [e.step for e in CheckpointDirectory(tmp_path, read_only=True).entries()] == [1, 2, 3]
+
+
+_IDLE_WRITER_AT_EXIT = """
+import sys
+from engine_kit.checkpoint import background
+background.IDLE_EXIT_S = 3600.0  # the writer would wait an hour for the next save
+saves = background.BackgroundSaves()
+saves.submit(lambda serialized: "written", lambda: print("durable"), path=sys.argv[0])
+saves.settle()
+"""
+
+
+def test_an_idle_writer_does_not_hold_up_the_process_exit() -> None:
+    result = run_python(_IDLE_WRITER_AT_EXIT, timeout=120)  # a non-daemon writer would block the exit for an hour
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "durable\n" and "engine_kit" not in result.stderr  # nothing left to report at exit
