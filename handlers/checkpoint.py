@@ -34,6 +34,7 @@ from handlers.rotation_policy import Kept, RotationPolicy
 
 ERROR_WAIT_S = 300.0
 """How long a failing run waits for the background write in flight before it lets the error go on."""
+SNAPSHOT_MODES = ("copy", "fence")
 
 
 def _kept(directory: CheckpointDirectory) -> list[Kept]:
@@ -165,8 +166,19 @@ class CheckpointRotation(Handler):
         self.resumed_from: str | None = None
         self._background = BackgroundSaves() if check_bool("async_save", async_save) else None
         self._snapshots = SnapshotBuffers()  # host copies of the state, reused by every background save
-        self.snapshot_mode = "copy"  # or "fence": see handlers.save_fence
+        self._snapshot_mode = "copy"  # or "fence": see handlers.save_fence
         self._fence: StepFence | None = None
+
+    @property
+    def snapshot_mode(self) -> str:
+        """How a background save captures the state: ``"copy"`` (the default) or ``"fence"`` (see the class docstring)."""
+        return self._snapshot_mode
+
+    @snapshot_mode.setter
+    def snapshot_mode(self, mode: str) -> None:
+        if mode not in SNAPSHOT_MODES:  # checked here, not at the first save minutes later
+            raise ValueError(fix_message(f"snapshot_mode={mode!r} is not 'copy' or 'fence'.", "set 'copy' (the default) or 'fence'."))
+        self._snapshot_mode = mode
 
     def attach(self, trainer: Engine) -> None:
         """Register on ``trainer`` (a ``create_trainer`` engine)."""
@@ -342,14 +354,12 @@ class CheckpointRotation(Handler):
     def _submit(self, engine: Engine, payload: dict[str, Any], commit: Callable[..., Any], saved: Callable[[], None], path: str) -> None:
         """Snapshot ``payload`` on the training thread, then write it on the writer thread."""
         shared: frozenset[int] = frozenset()
-        if self.snapshot_mode == "fence":
+        if self._snapshot_mode == "fence":
             step = engine.step
             shared = fenced_storages(unwrap_model(step.model), step.optimizer)
             if self._fence is None:
                 self._fence = StepFence(self._background.wait_serialized)
             self._fence.arm(step.optimizer)
-        elif self.snapshot_mode != "copy":
-            raise ValueError(fix_message(f"snapshot_mode={self.snapshot_mode!r} is not 'copy' or 'fence'.", "set 'copy' (the default) or 'fence'."))
         snapshot = self._snapshots.capture(payload, shared=shared)
 
         def write(serialized: Callable[[], None]) -> None:

@@ -24,7 +24,7 @@ import engine_kit.training_state as training_state_module
 from engine_kit.checkpoint import CheckpointDirectory, directory as directory_module, streaming as streaming_module, verify_checkpoint_file
 from engine_kit.checkpoint.commands import verify_command
 from engine_kit.checkpoint.snapshot import SnapshotBuffers
-from handlers.background_save import BackgroundSaves
+from engine_kit.checkpoint.background import BackgroundSaves
 from handlers.checkpoint import CheckpointRotation
 from tests.helpers import mlp, regression_batches
 
@@ -356,7 +356,7 @@ def test_two_ranks_a_background_failure_reaches_every_rank_at_the_next_save(tmp_
 
 _ESCAPING_DRIVER = r"""
 import sys, time
-from handlers.background_save import BackgroundSaves
+from engine_kit.checkpoint.background import BackgroundSaves
 
 def slow_failing_write(serialized):
     time.sleep(0.5)
@@ -396,3 +396,12 @@ def test_a_failed_write_during_a_failing_run_is_a_note_on_the_run_error(tmp_path
     notes = " ".join(getattr(caught.value.__cause__ or caught.value, "__notes__", []) + getattr(caught.value, "__notes__", []))
     assert "CheckpointWriteError" in notes and "step00000001" in notes and "No space left on device" in notes
     assert not rotation._background.pending and not list(tmp_path.glob(".ek-tmp-*"))
+
+
+def test_an_unknown_snapshot_mode_is_refused_when_set(tmp_path: Path) -> None:
+    rotation = CheckpointRotation(tmp_path, every_steps=2, keep_last=1)
+    with pytest.raises(ValueError, match="snapshot_mode='fenced'.*To fix"):
+        rotation.snapshot_mode = "fenced"
+    assert rotation.snapshot_mode == "copy"
+    rotation.snapshot_mode = "fence"
+    assert rotation.snapshot_mode == "fence"
