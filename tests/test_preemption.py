@@ -68,7 +68,7 @@ def test_sigterm_saves_at_the_next_window_boundary_and_the_rerun_is_exact(tmp_pa
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_save_leaves_that_checkpoint_valid_and_stops_there(tmp_path, reference):
+def test_sigterm_during_a_save_leaves_that_checkpoint_valid_and_stops_at_a_window_boundary(tmp_path, reference):
     run_dir, out = tmp_path / "ckpt", tmp_path / "out.json"
     # The first commit is step 3's (epoch end): the signal arrives while it is being written.
     stopped = run_script(run_dir, out, "--preemption", "--signal-during-save", "1")
