@@ -87,6 +87,50 @@ def _run_limit(tensor: torch.Tensor) -> int:
     return max(1, _CHUNK_BYTES // max(1, tensor.nbytes))
 
 
+def _runs(inputs: Iterable[Any]) -> Iterator[list[Any]]:
+    """``inputs`` in order and grouped: runs of non-empty tensors of one shape and dtype (one chunk at most); any other input alone.
+
+    Lazy: a run is handed on as soon as it ends, so at most one chunk of inputs is held.
+
+    >>> [len(group) for group in _runs([torch.zeros(2), torch.ones(2), torch.ones(3), 7, torch.zeros(0), torch.ones(3)])]
+    [2, 1, 1, 1, 1]
+    """
+    run: list[torch.Tensor] = []
+    shape, dtype, limit = None, None, 0
+    for value in inputs:
+        tensor = isinstance(value, torch.Tensor) and value.numel() > 0
+        if run and (not tensor or len(run) >= limit or value.dtype is not dtype or value.shape != shape):
+            yield run
+            run = []
+        if not tensor:
+            yield [value]
+            continue
+        if not run:  # a new run: its layout, and how many such tensors fit in one chunk
+            shape, dtype, limit = value.shape, value.dtype, _run_limit(value)
+        run.append(value)
+    if run:
+        yield run
+
+
+def _is_run(group: list[Any] | None) -> bool:
+    """Whether ``group`` (from ``_runs``) is a run of tensors, not a lone other input."""
+    return group is not None and isinstance(group[0], torch.Tensor) and group[0].numel() > 0
+
+
+def _group_digests(groups: Iterable[list[Any]]) -> list[bytes]:
+    """``_item_digest`` of every input of ``_runs`` groups; a run of several is hashed from one stacked copy."""
+    digests: list[bytes] = []
+    for group in groups:
+        if len(group) > 1:
+            try:
+                digests.extend(_same_layout_digests(group))
+                continue
+            except (TypeError, RuntimeError):  # tensors stack cannot copy (devices, layouts): one by one
+                pass
+        digests.extend(_item_digest(value) for value in group)
+    return digests
+
+
 def _digests(inputs: Iterable[Any]) -> list[bytes]:
     """``_item_digest`` of each input; runs of tensors of one shape and dtype are hashed from one stacked copy each.
 
@@ -94,60 +138,7 @@ def _digests(inputs: Iterable[Any]) -> list[bytes]:
     >>> _digests(inputs) == [_item_digest(value) for value in inputs]
     True
     """
-    digests: list[bytes] = []
-    run: list[torch.Tensor] = []
-    shape, dtype, limit = None, None, 0
-
-    def flush() -> None:
-        if len(run) > 1 and run[0].numel():
-            try:
-                digests.extend(_same_layout_digests(run))
-            except (TypeError, RuntimeError):  # tensors stack cannot copy (devices, layouts): one by one
-                digests.extend(_item_digest(tensor) for tensor in run)
-        else:
-            digests.extend(_item_digest(tensor) for tensor in run)
-        run.clear()
-
-    for value in inputs:
-        if not isinstance(value, torch.Tensor):
-            flush()
-            digests.append(_item_digest(value))
-            continue
-        if run and (len(run) >= limit or value.dtype is not dtype or value.shape != shape):
-            flush()
-        if not run:  # a new run: its layout, and how many such tensors fit in one chunk
-            shape, dtype, limit = value.shape, value.dtype, _run_limit(value)
-        run.append(value)
-    flush()
-    return digests
-
-
-def _one_run(inputs: Iterable[Any]) -> tuple[list[torch.Tensor], Iterator[Any] | None]:
-    """The leading inputs that form one run (non-empty tensors of one shape and dtype, one chunk at most).
-
-    Returns them and, when some input did not fit in the run, an iterator over
-    every input left (from that one on); None when all of ``inputs`` is the run.
-
-    >>> run, rest = _one_run([torch.zeros(2), torch.ones(2)])
-    >>> len(run), rest
-    (2, None)
-    >>> run, rest = _one_run([torch.zeros(2), torch.ones(3), 7])
-    >>> len(run), len(list(rest))
-    (1, 2)
-    """
-    iterator = iter(inputs)
-    run: list[torch.Tensor] = []
-    shape = dtype = None
-    limit = 0
-    for value in iterator:
-        if not run:  # the run's layout, and how many such tensors fit in one chunk
-            if not isinstance(value, torch.Tensor) or not value.numel():
-                return run, itertools.chain([value], iterator)
-            shape, dtype, limit = value.shape, value.dtype, _run_limit(value)
-        elif not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype is not dtype or len(run) >= limit:
-            return run, itertools.chain([value], iterator)
-        run.append(value)
-    return run, None
+    return _group_digests(_runs(inputs))
 
 
 def _row_keys(rows: np.ndarray) -> np.ndarray:
@@ -235,19 +226,21 @@ def count_identical(train: Any, val: Any, val_items: int, train_items: int) -> t
     """
     with _random_state_kept(train, val):
         # The validation sample is read whole before the training one, as the digests alone would read them.
-        val_run, val_rest = _one_run(_sample_inputs(val, val_items))
-        if val_rest is not None:
-            val_digests = _digests(itertools.chain(val_run, val_rest))
+        val_groups = _runs(_sample_inputs(val, val_items))
+        val_read = [group for group in (next(val_groups, None), next(val_groups, None)) if group is not None]
+        if len(val_read) > 1:  # more than one run: digests
+            val_digests = _group_digests(itertools.chain(val_read, val_groups))
             train_digests = set(_digests(_sample_inputs(train, train_items)))
         else:
-            train_run, train_rest = _one_run(_sample_inputs(train, train_items))
-            if train_rest is None and val_run and train_run:
+            train_groups = _runs(_sample_inputs(train, train_items))
+            train_read = [group for group in (next(train_groups, None), next(train_groups, None)) if group is not None]
+            if len(val_read) == len(train_read) == 1 and _is_run(val_read[0]) and _is_run(train_read[0]):
                 try:
-                    return _compare_runs(val_run, train_run)
+                    return _compare_runs(val_read[0], train_read[0])
                 except (TypeError, RuntimeError):  # tensors stack cannot copy (devices, layouts): through digests
                     pass
-            val_digests = _digests(val_run)
-            train_digests = set(_digests(itertools.chain(train_run, train_rest or ())))
+            val_digests = _group_digests(val_read)
+            train_digests = set(_group_digests(itertools.chain(train_read, train_groups)))
     return sum(digest in train_digests for digest in val_digests), len(val_digests), len(train_digests)
 
 
