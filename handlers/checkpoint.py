@@ -214,10 +214,15 @@ class CheckpointRotation(Handler):
         self._settle()
 
     def close(self) -> None:
-        """Wait for a background save in flight, then release the directory lock (a later save reopens it)."""
+        """Wait for a background save in flight, then let the writer thread exit and release the directory lock.
+
+        A later save starts a writer and reopens the directory.
+        """
         try:
             self._settle()
         finally:
+            if self._background is not None:
+                self._background.stop_writer()  # as CheckpointDirectory.close does for its own writer
             if self._fence is not None:
                 self._fence.disarm()  # the next run's first fenced save arms it again
             if self.directory is not None:

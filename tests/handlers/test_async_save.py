@@ -405,3 +405,15 @@ def test_an_unknown_snapshot_mode_is_refused_when_set(tmp_path: Path) -> None:
     assert rotation.snapshot_mode == "copy"
     rotation.snapshot_mode = "fence"
     assert rotation.snapshot_mode == "fence"
+
+
+def test_the_run_end_lets_the_writer_thread_exit(tmp_path: Path) -> None:
+    from engine_kit.checkpoint import background as background_module
+
+    trainer, rotation = _async_sgd_run(tmp_path, every_steps=2, keep_last=1)
+    writers: list[threading.Thread] = []
+    trainer.add_event_handler(StepEvents.CHECKPOINT_SAVED, lambda engine: writers.append(rotation._background._writer._thread))
+    trainer.run(regression_batches(8, 4), max_epochs=2)
+    (writer,) = {thread for thread in writers if thread is not None}  # one writer served every save
+    writer.join(background_module.IDLE_EXIT_S / 2)  # close() at COMPLETED told it to exit: no idle wait
+    assert not writer.is_alive()
