@@ -62,6 +62,7 @@ from engine_kit.checkpoint.reader import IndexedReader
 from engine_kit.checkpoint.repair_report import RepairReport
 from engine_kit.checkpoint.record import CheckpointRecord
 from engine_kit.checkpoint.registry import RegistryEntry
+from engine_kit.checkpoint.serialized import SerializedPayload
 from engine_kit.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError, fix_message
 
 
@@ -208,7 +209,7 @@ class CheckpointDirectory(IndexedReader):
     def commit(
         self,
         name: str,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | SerializedPayload,
         *,
         step: int,
         epoch: int,
@@ -233,7 +234,8 @@ class CheckpointDirectory(IndexedReader):
 
         Args:
             name: a name no file in the directory has (see :meth:`next_name`).
-            payload: a dict of tensors, numbers, strings and containers.
+            payload: a dict of tensors, numbers, strings and containers (or its
+                :class:`~engine_kit.checkpoint.serialized.SerializedPayload`).
             step: the training step it captures (>= 0).
             epoch: the epoch it captures (>= 0).
             tags: labels such as ``"last"``/``"best"``.

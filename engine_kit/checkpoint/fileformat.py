@@ -53,6 +53,7 @@ from engine_kit.checkpoint.payload_types import check_payload_types
 from engine_kit.checkpoint.record import CheckpointRecord
 from engine_kit.checkpoint.regular import open_regular
 from engine_kit.checkpoint.safety import weights_only_env_conflict
+from engine_kit.checkpoint.serialized import SerializedPayload
 from engine_kit.checkpoint.seal import (  # noqa: F401  (MAGIC..make_trailer, read_record, sha256_file: re-exported)
     CHUNK,
     MAGIC,
@@ -98,7 +99,7 @@ class CheckpointFileInfo:
 
 def save_checkpoint_file(
     path: str | os.PathLike[str],
-    payload: dict[str, Any],
+    payload: dict[str, Any] | SerializedPayload,
     *,
     record: CheckpointRecord | None = None,
     replace: bool = True,
@@ -115,7 +116,9 @@ def save_checkpoint_file(
 
     Args:
         path: the final file name (its directory must exist).
-        payload: a dict of tensors, numbers, strings and containers of them.
+        payload: a dict of tensors, numbers, strings and containers of them,
+            or its archive from :func:`~engine_kit.checkpoint.serialized.serialize_small`
+            (its types were checked there).
         record: the file's self-description; default: its name, step 0.
         replace: False refuses (``CheckpointExistsError``) when something
             already sits at ``path``, even if it appears during the write.
@@ -135,18 +138,21 @@ def save_checkpoint_file(
             ``path`` changed and no temp file is left.
     """
     path = os.fspath(path)
-    if not isinstance(payload, dict):
+    serialized = isinstance(payload, SerializedPayload)
+    if not serialized and not isinstance(payload, dict):
         raise TypeError(fix_message(f"payload must be a dict, got {type(payload).__name__}.", "wrap it: {'state': obj}."))
     record = record if record is not None else CheckpointRecord(os.path.basename(path), step=0, epoch=0, order=0)
     try:
-        check_payload_types(payload)  # the load-side allow-list, checked on the objects: no pickle scan here
+        if not serialized:
+            check_payload_types(payload)  # the load-side allow-list, checked on the objects: no pickle scan here
     except TypeError as exc:
         what, _, how = str(exc).partition(" To fix: ")
         raise CheckpointWriteError(fix_message(f"Cannot save the checkpoint {path!r}: {what} Nothing was written.", how)) from exc
     sealed: list[streaming.SealedFile] = []
 
     def write(fileobj: IO[bytes]) -> None:
-        # Serialized, hashed and written in one pass straight into the temp file (no archive in memory).
+        # Serialized, hashed and written in one pass straight into the temp file (no archive in memory),
+        # or a small archive serialized earlier, hashed and written in one piece.
         try:
             sealed.append(streaming.write_sealed(fileobj, payload, record))
         except OSError:
@@ -163,7 +169,7 @@ def save_checkpoint_file(
             on_serialized()
 
     atomic_write(path, write, replace=replace, sync_directory=sync_directory)
-    meta = payload.get("meta")
+    meta = payload.meta if serialized else payload.get("meta")
     return CheckpointFileInfo(path, sealed[0].size_bytes, sealed[0].sha256, meta if isinstance(meta, dict) else None, record)
 
 

@@ -51,8 +51,11 @@ def _tensor_problem(tensor: torch.Tensor) -> str | None:
     return None
 
 
-def _all_loadable(payload: dict[str, Any]) -> bool:
-    """Whether everything in ``payload`` can be loaded back: the walk of every save, building no key path."""
+def _all_loadable(payload: dict[str, Any], tensors: list[torch.Tensor] | None = None) -> bool:
+    """Whether everything in ``payload`` can be loaded back: the walk of every save, building no key path.
+
+    ``tensors``, when given, receives every tensor met on the way.
+    """
     seen: set[int] = set()
     stack: list[Any] = [payload]
     while stack:
@@ -63,6 +66,8 @@ def _all_loadable(payload: dict[str, Any]) -> bool:
         if kind in _TENSOR_TYPES:
             if _tensor_problem(value) is not None:
                 return False
+            if tensors is not None:
+                tensors.append(value)
         elif kind in _MAPPING_TYPES or kind in _SEQUENCE_TYPES:
             if id(value) not in seen:
                 seen.add(id(value))
@@ -72,6 +77,18 @@ def _all_loadable(payload: dict[str, Any]) -> bool:
         else:
             return False
     return True
+
+
+def loadable_tensors(payload: dict[str, Any]) -> list[torch.Tensor] | None:
+    """Every tensor in ``payload`` (once per occurrence), or None when something in it could not be loaded back.
+
+    >>> [t.tolist() for t in loadable_tensors({"w": torch.ones(1), "opt": [torch.zeros(2), 3]})]
+    [[0.0, 0.0], [1.0]]
+    >>> loadable_tensors({"w": object()}) is None
+    True
+    """
+    tensors: list[torch.Tensor] = []
+    return tensors if _all_loadable(payload, tensors) else None
 
 
 def check_payload_types(payload: dict[str, Any]) -> None:

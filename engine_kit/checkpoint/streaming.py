@@ -25,6 +25,7 @@ import torch
 
 from engine_kit.checkpoint.record import CheckpointRecord
 from engine_kit.checkpoint.seal import trailer_v2
+from engine_kit.checkpoint.serialized import SerializedPayload
 
 
 class HashingWriter:
@@ -111,12 +112,14 @@ class SealedFile:
     archive_length: int
 
 
-def write_sealed(fileobj: IO[bytes], payload: dict[str, Any], record: CheckpointRecord) -> SealedFile:
+def write_sealed(fileobj: IO[bytes], payload: dict[str, Any] | SerializedPayload, record: CheckpointRecord) -> SealedFile:
     """Stream ``torch.save(payload)``, then ``record`` and the trailer, into ``fileobj``.
 
     ``fileobj`` must start empty (the archive's offsets count from its start).
     The payload's tensors are read while this runs: a caller serializing
-    live tensors must keep them unchanged until it returns.
+    live tensors must keep them unchanged until it returns. A payload
+    serialized already (``SerializedPayload``) is hashed and written as it is:
+    the same bytes.
 
     Raises:
         OSError: the file's own error (ENOSPC, EIO...), also when it happened
@@ -127,7 +130,10 @@ def write_sealed(fileobj: IO[bytes], payload: dict[str, Any], record: Checkpoint
     """
     writer = HashingWriter(fileobj)
     try:
-        torch.save(payload, writer)
+        if isinstance(payload, SerializedPayload):
+            writer.write(payload.archive)
+        else:
+            torch.save(payload, writer)
     except Exception:
         if writer.failure is not None:
             raise writer.failure from None

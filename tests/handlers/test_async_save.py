@@ -181,16 +181,25 @@ def _fixed_clock_run(folder: Path, monkeypatch: pytest.MonkeyPatch, **rotation_o
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     trainer = create_trainer(model, torch.optim.AdamW(model.parameters(), lr=0.01), F.mse_loss)
-    mode = rotation_options.pop("snapshot_mode", "copy")
+    mode = rotation_options.pop("snapshot_mode", "inline")
     rotation = CheckpointRotation(folder, every_steps=2, keep_last=3, **rotation_options)
     rotation.run_id = "fixed-run-id"
-    rotation.snapshot_mode = mode
+    _set_capture(rotation, mode)
     rotation.attach(trainer)
     trainer.run(regression_batches(24, 4), max_epochs=1)
     return rotation
 
 
-@pytest.mark.parametrize("mode", ["copy", "fence"])
+def _set_capture(rotation: CheckpointRotation, mode: str) -> None:
+    """"inline": the default for a small CPU state (serialized on the training thread); "copy", "fence": snapshot modes."""
+    if mode == "inline":
+        assert rotation.snapshot_mode == "copy" and rotation.inline_limit_bytes > 0
+        return
+    rotation.snapshot_mode = mode
+    rotation.inline_limit_bytes = 0  # this small state would otherwise be serialized inline
+
+
+@pytest.mark.parametrize("mode", ["inline", "copy", "fence"])
 def test_async_files_are_byte_identical_to_sync_files_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     _fixed_clock_run(tmp_path / "sync", monkeypatch, async_save=False)
     _fixed_clock_run(tmp_path / "async", monkeypatch, async_save=True, snapshot_mode=mode)
@@ -219,7 +228,7 @@ def test_snapshot_bytes_equal_the_live_payload_bytes_with_tied_weights_and_views
     assert shared["embedding.weight"].untyped_storage().data_ptr() == shared["head.weight"].untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("mode", ["copy", "fence"])
+@pytest.mark.parametrize("mode", ["inline", "copy", "fence"])
 def test_snapshot_buffers_are_reused_and_a_snapshot_is_not_disturbed_by_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """A slow writer: training runs on while the file is written, yet the file holds the state of its save step.
 
@@ -236,7 +245,7 @@ def test_snapshot_buffers_are_reused_and_a_snapshot_is_not_disturbed_by_training
     model = mlp(in_features=2, out=1)
     trainer = create_trainer(model, torch.optim.AdamW(model.parameters(), lr=0.1), F.mse_loss)
     rotation = CheckpointRotation(tmp_path, every_steps=3, at_epoch_end=False, keep_last=6, async_save=True)
-    rotation.snapshot_mode = mode
+    _set_capture(rotation, mode)
     at_save: dict[int, dict[str, torch.Tensor]] = {}
     storages: list[int] = []
 
@@ -258,6 +267,8 @@ def test_snapshot_buffers_are_reused_and_a_snapshot_is_not_disturbed_by_training
     # The same host buffers serve every save: allocated at the first, reused by the next five.
     per_save = len(rotation._snapshots._buffers)
     assert rotation._snapshots.allocations == per_save and len(set(storages)) == per_save
+    # Inline: the archive serialized at the save step is the snapshot; the copy modes use buffers.
+    assert (per_save == 0) == (mode == "inline")
     assert rotation.waits >= 1 and trainer.state.checkpoint_waits == rotation.waits  # 0.2 s writes, saves 3 steps apart
     if mode == "fence":
         assert rotation._fence.waited_s > 0 and not rotation._fence._hooked  # held steps back; disarmed at the end
