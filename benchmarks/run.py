@@ -32,7 +32,7 @@ from _env import describe, environment
 from measure import measure_case
 from models import MODELS, build_case, describe_models
 from report import tables
-from runners import RUNNERS, lightning_available
+from runners import RUNNERS, import_lightning, lightning_available
 
 CPU_MODELS = ("mlp", "cnn")  # resnet18 and the GPT take minutes per run on a CPU: ask with --only
 PRECISIONS = {"cpu": ("fp32",), "cuda": ("bf16", "fp16")}
@@ -80,9 +80,7 @@ def versions() -> dict[str, Any]:
 
     lightning = None
     if lightning_available():
-        import lightning as L
-
-        lightning = L.__version__
+        lightning = import_lightning().__version__  # its environment stays Lightning's runners' own
     return {"torch": torch.__version__, "ignite": ignite.__version__, "lightning": lightning}
 
 

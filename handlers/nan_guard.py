@@ -13,6 +13,7 @@ from engine_kit.events import StepEvents
 from engine_kit.state import StepOutput
 from engine_kit.stateful import add_save_veto
 from handlers.base import Handler, check_positive_int
+from handlers.step_window import StepWindow, Window, existing_window, read_windows
 
 
 class NanGuard(Handler):
@@ -28,6 +29,13 @@ class NanGuard(Handler):
     stacked values) once ``check_every`` micro-batches have gathered (on a
     trainer, at the window that reaches them), at the end of each epoch, at
     the end of the run, and whenever a checkpoint handler asks the save veto.
+    Attached after a logger of the trainer's window losses (TensorBoardLogger,
+    StepLog, GradNormLogger: ``attach_standard``'s order), it checks the
+    window losses and norms those loggers already read to the host: a window
+    whose mean loss (summed in double precision, so finite exactly when every
+    micro-batch loss is) and norm are finite costs no device op; only a
+    non-finite one is read again micro-batch by micro-batch, to name its
+    iteration.
     Each value keeps its iteration, so a non-finite loss at any micro-batch of
     a window is named by its own iteration, however late the check that
     finds it. Attaching the guard to a trainer sets its step's
@@ -79,6 +87,7 @@ class NanGuard(Handler):
         self._iterations: list[int] = []
         self._gathered = 0  # micro-batches pending since the last check
         self._step: Any = None  # the trainer's step, whose window losses are read (None: another engine)
+        self._shared: StepWindow | None = None  # the loggers' window of the trainer, whose host reads are reused
         self._taken: Any = None  # the step's list of the last window taken (the step starts a new list per window)
         self._last_output: Any = None
         self._nan_iteration: int | None = None
@@ -107,6 +116,7 @@ class NanGuard(Handler):
         if hasattr(step, "keep_window_losses"):
             step.keep_window_losses = True  # the step records each window's losses: no handler per micro-batch
             self._step = step
+            self._shared = existing_window(engine)
             for event in (StepEvents.OPTIMIZER_STEP_COMPLETED, StepEvents.OPTIMIZER_STEP_SKIPPED):
                 engine.add_event_handler(event, self._window_closed)
         else:
@@ -127,19 +137,21 @@ class NanGuard(Handler):
 
     def _window_closed(self, engine: Engine) -> None:
         """Keep the window the step just closed; check once ``check_every`` micro-batches gathered."""
-        self._take_closed_window(engine.state)
+        self._take_closed_window(engine)
         if self._gathered >= self.check_every:
             self.check(engine)
 
-    def _take_closed_window(self, state: Any) -> None:
+    def _take_closed_window(self, engine: Engine) -> None:
         # Right after a window closed (position 0, no new one opened), the step's list is that window's.
+        state = engine.state
         losses = self._step.window_losses
         if state.window_position != 0 or losses is self._taken or not losses:
             return
         iteration = state.iteration
         output = state.output
         norm = output.grad_norm if type(output) is StepOutput and output.stepped else None
-        self._pending.append(_Window(losses, iteration, norm))
+        read = self._shared.close(engine) if self._shared is not None else None  # the loggers' Window of this step
+        self._pending.append(_Window(losses, iteration, norm, read))
         self._iterations.append(iteration)
         self._gathered += len(losses)
         self._taken = losses
@@ -177,7 +189,7 @@ class NanGuard(Handler):
             if state.output is not self._last_output:
                 self._observe(state.output, state.iteration)
         else:
-            self._take_closed_window(state)
+            self._take_closed_window(engine)
             position = state.window_position
             if position and self._step.keep_window_losses:  # the open window's micro-batches so far
                 self._pending.append(_Window(self._step.window_losses[:position], state.iteration, None))
@@ -185,7 +197,7 @@ class NanGuard(Handler):
         if self._pending:
             pending, iterations = self._pending, self._iterations
             self._pending, self._iterations, self._gathered = [], [], 0
-            if self._nan_iteration is None:
+            if self._nan_iteration is None and not _read_and_finite(pending):
                 values, owners = _unpack(pending, iterations)
                 first = _first_non_finite(values)
                 if first is not None:
@@ -209,11 +221,45 @@ class NanGuard(Handler):
 
 
 class _Window(NamedTuple):
-    """A trainer's window as the step recorded it: its micro-batch losses, its last iteration, its norm (or None)."""
+    """A trainer's window as the step recorded it: its micro-batch losses, its last iteration, its norm (or None).
+
+    ``read`` is the loggers' ``Window`` of the same step, when they share one with the guard.
+    """
 
     losses: list[tuple[torch.Tensor, Any]]
     last_iteration: int
     norm: torch.Tensor | None
+    read: Window | None = None
+
+
+def _read_and_finite(pending: list[_Window | StepOutput | torch.Tensor]) -> bool:
+    """Whether every pending item is a shared window whose host values are finite (no device op once the loggers read them).
+
+    False sends the check to the tensors themselves (``_unpack``): any other
+    item, or a non-finite mean or norm, whose micro-batch is then named.
+
+    >>> from handlers.step_window import Window
+    >>> shared = Window(((torch.tensor(1.0), 2), (torch.tensor(3.0), 2)), [0.1], torch.tensor(0.5))
+    >>> _read_and_finite([_Window(list(shared.parts), 8, shared.norm, shared)]), shared.values[0]
+    (True, 2.0)
+    >>> bad = Window(((torch.tensor(1.0), 2), (torch.tensor(float("inf")), 2)), [0.1], None)
+    >>> _read_and_finite([_Window(list(bad.parts), 8, None, bad)])
+    False
+    """
+    windows = [item.read for item in pending if type(item) is _Window and item.read is not None]
+    if len(windows) != len(pending):
+        return False
+    read_windows(windows)  # the values the loggers read already: nothing is transferred again
+    isfinite = math.isfinite
+    for item in pending:
+        loss = item.read.values[0]  # type: ignore[union-attr]
+        if loss is None or not isfinite(loss):
+            return False
+        if item.norm is not None:
+            norm = item.read.norm_value  # type: ignore[union-attr]
+            if norm is None or not isfinite(norm):
+                return False
+    return True
 
 
 def _unpack(pending: list[_Window | StepOutput | torch.Tensor], iterations: list[int]) -> tuple[list[torch.Tensor], list[int]]:

@@ -285,5 +285,10 @@ class StepWindow:
         self._closed_at: int | None = None
 
 
+def existing_window(engine: Engine) -> StepWindow | None:
+    """The window a logger already made for ``engine`` (``StepWindow.of``), or None: none is made here."""
+    return _WINDOWS.get(engine)
+
+
 # One window per trainer; an engine that is garbage-collected takes its window with it.
 _WINDOWS: weakref.WeakKeyDictionary[Engine, StepWindow] = weakref.WeakKeyDictionary()

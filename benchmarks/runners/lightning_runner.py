@@ -7,11 +7,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from models import ACCUMULATION, MAX_GRAD_NORM, Case
+from runners import import_lightning
+
+L = import_lightning()  # the environment Lightning's import sets is given back only to these runners
+ModelCheckpoint = L.pytorch.callbacks.ModelCheckpoint
 
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 

@@ -43,16 +43,20 @@ def standard_trainer(tmp_path, loss_fn, **options):
 def test_log_every_counts_optimizer_steps_for_the_guard_too(tmp_path, monkeypatch):
     _, trainer, stack = standard_trainer(tmp_path, F.cross_entropy, log_every=2, checkpoint_every_steps=None)
     assert stack.nan_guard.check_every == 8  # 2 optimizer steps of 4 micro-batches
-    checked = []
+    checked, reread = [], []
+    read_and_finite = nan_guard_module._read_and_finite
+    monkeypatch.setattr(nan_guard_module, "_read_and_finite", lambda pending: checked.append(
+        sum(len(item.losses) + (item.norm is not None) for item in pending)) or read_and_finite(pending))
     first_non_finite = nan_guard_module._first_non_finite
-    monkeypatch.setattr(nan_guard_module, "_first_non_finite",
-                        lambda values: checked.append(len(values)) or first_non_finite(values))
+    monkeypatch.setattr(nan_guard_module, "_first_non_finite", lambda values: reread.append(values) or first_non_finite(values))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         trainer.run(TRAIN, max_epochs=1)
     # Periodic reads at iterations 8, 16 and 24 only (the epoch end and the run end find nothing
     # pending): each over 8 losses and the 2 norms of the steps in between.
     assert checked == [10, 10, 10]
+    # All finite: the values the loggers read served the guard, which read no tensor itself.
+    assert reread == []
 
 
 def test_a_nan_inside_a_window_is_named_and_vetoes_the_save_of_that_window(tmp_path):
