@@ -18,7 +18,7 @@ from engine_kit.checkpoint.serialized import INLINE_LIMIT_BYTES, serialize_small
 from engine_kit.checkpoint.snapshot import SnapshotBuffers
 from engine_kit.distributed import add_rank_states, agree, decide, gather_rank_states, is_multiprocess
 from engine_kit.distributed.resume import check_run_start, resume_every_rank
-from engine_kit.checks import check_bool, check_path
+from engine_kit.checks import check_bool, check_int, check_path
 from engine_kit.errors import fix_message
 from engine_kit.events import StepEvents
 from engine_kit.stateful import register_stateful, save_refusal
@@ -174,7 +174,7 @@ class CheckpointRotation(Handler):
         self.resumed_from: str | None = None
         self._background = BackgroundSaves() if check_bool("async_save", async_save) else None
         self._snapshots = SnapshotBuffers()  # host copies of the state, reused by every background save
-        self.inline_limit_bytes = INLINE_LIMIT_BYTES
+        self._inline_limit_bytes = INLINE_LIMIT_BYTES
         self._snapshot_mode = "copy"  # or "fence": see handlers.save_fence
         self._fence: StepFence | None = None
 
@@ -188,6 +188,15 @@ class CheckpointRotation(Handler):
         if mode not in SNAPSHOT_MODES:  # checked here, not at the first save minutes later
             raise ValueError(fix_message(f"snapshot_mode={mode!r} is not 'copy' or 'fence'.", "set 'copy' (the default) or 'fence'."))
         self._snapshot_mode = mode
+
+    @property
+    def inline_limit_bytes(self) -> int:
+        """Tensor bytes up to which a ``"copy"`` background save of a CPU state serializes on the training thread (0: never)."""
+        return self._inline_limit_bytes
+
+    @inline_limit_bytes.setter
+    def inline_limit_bytes(self, limit: int) -> None:
+        self._inline_limit_bytes = check_int("inline_limit_bytes", limit, minimum=0, example=INLINE_LIMIT_BYTES)
 
     def attach(self, trainer: Engine) -> None:
         """Register on ``trainer`` (a ``create_trainer`` engine)."""
@@ -367,8 +376,8 @@ class CheckpointRotation(Handler):
 
     def _submit(self, engine: Engine, payload: dict[str, Any], commit: Callable[..., Any], saved: Callable[[], None], path: str) -> None:
         """Snapshot (or serialize, when small) ``payload`` on the training thread, then write it on the writer thread."""
-        if self._snapshot_mode == "copy" and self.inline_limit_bytes > 0:
-            serialized = serialize_small(payload, limit_bytes=self.inline_limit_bytes)
+        if self._snapshot_mode == "copy" and self._inline_limit_bytes > 0:
+            serialized = serialize_small(payload, limit_bytes=self._inline_limit_bytes)
             if serialized is not None:
                 self._background.submit(lambda done: commit(serialized, on_serialized=done), saved, path=path)
                 return

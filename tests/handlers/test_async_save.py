@@ -428,3 +428,12 @@ def test_the_run_end_lets_the_writer_thread_exit(tmp_path: Path) -> None:
     (writer,) = {thread for thread in writers if thread is not None}  # one writer served every save
     writer.join(background_module.IDLE_EXIT_S / 2)  # close() at COMPLETED told it to exit: no idle wait
     assert not writer.is_alive()
+
+
+def test_a_bad_inline_limit_is_refused_when_set(tmp_path: Path) -> None:
+    rotation = CheckpointRotation(tmp_path, every_steps=2)
+    for bad in (-1, 1.5, "4MB", True):
+        with pytest.raises((TypeError, ValueError), match="inline_limit_bytes.*To fix"):
+            rotation.inline_limit_bytes = bad
+    rotation.inline_limit_bytes = 0  # never serialize on the training thread
+    assert rotation.inline_limit_bytes == 0
