@@ -29,6 +29,19 @@ def rotated(items: tuple[str, ...], shift: int) -> tuple[str, ...]:
     return items[shift:] + items[:shift]
 
 
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """The median over rounds of ``times[i] / reference[i]``: each round ran both once, close in time.
+
+    ``ratio_to_raw`` divides the two medians; this estimator pairs the repeats
+    instead, so load that shifts between rounds cancels (load within a round does
+    not). Where the two disagree, the difference is the measurement's uncertainty.
+
+    >>> paired_ratio([110.0, 220.0, 330.0], [100.0, 200.0, 300.0])
+    1.1
+    """
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -124,5 +137,6 @@ def measure_case(case: Case, runners: tuple[str, ...], repeats: int, warmup: boo
     for result in results:
         ref = by_name.get(reference(result["runner"]))
         result["ratio_to_raw"] = result["us_per_iter"] / ref["us_per_iter"] if ref else None
+        result["paired_ratio_to_raw"] = paired_ratio(result["us_per_iter_all"], ref["us_per_iter_all"]) if ref else None
         result["cpu_ratio_to_raw"] = result["cpu_us_per_iter"] / ref["cpu_us_per_iter"] if ref else None
     return results

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from _env import describe, environment
+from lightning_env import import_lightning
 from measure import measure_case
 from models import MODELS, build_case, describe_models
 from report import tables
-from runners import RUNNERS, import_lightning, lightning_available
+from runners import RUNNERS, lightning_available
 
 CPU_MODELS = ("mlp", "cnn")  # resnet18 and the GPT take minutes per run on a CPU: ask with --only
 PRECISIONS = {"cpu": ("fp32",), "cuda": ("bf16", "fp16")}

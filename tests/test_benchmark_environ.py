@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import os, sys
     sys.path[:0] = [sys.argv[1], sys.argv[2]]  # the stand-in lightning first, then benchmarks/
     os.environ["EK_KEPT"] = "mine"
-    from runners import import_lightning, in_lightning_environ
+    from lightning_env import import_lightning, in_lightning_environ
     module = import_lightning()
     assert module.__version__ == "0.0-standin", module.__file__
     assert "EK_SET_BY_LIGHTNING" not in os.environ and os.environ["EK_KEPT"] == "mine"  # put back after the import

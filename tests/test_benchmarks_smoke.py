@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import numbers
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ LIGHTNING = {"lightning", "lightning_full"}
 # Every record's fields and the types their values may have (None: not measured on this device).
 FIELDS = {
     "model": str, "runner": str, "precision": str, "device": str, "samples_per_s": numbers.Real,
-    "us_per_iter": numbers.Real, "cpu_us_per_iter": numbers.Real, "ratio_to_raw": numbers.Real, "peak_mem_mb": (numbers.Real, type(None)),
+    "us_per_iter": numbers.Real, "cpu_us_per_iter": numbers.Real, "ratio_to_raw": numbers.Real, "paired_ratio_to_raw": numbers.Real, "peak_mem_mb": (numbers.Real, type(None)),
     "host_syncs_per_iter": (numbers.Real, type(None)), "torch": str, "ignite": str,
     "lightning": (str, type(None)), "date": str, "commit": str,
 }
@@ -50,6 +51,8 @@ def test_smoke_run_writes_every_record_with_its_schema(tmp_path: Path) -> None:
     for (model, runner), record in by_key.items():
         reference = by_key[(model, "raw_full" if runner.endswith("_full") else "raw")]
         assert abs(record["ratio_to_raw"] - record["us_per_iter"] / reference["us_per_iter"]) < 1e-9
+        rounds = zip(record["us_per_iter_all"], reference["us_per_iter_all"])  # one repeat in --smoke: one round
+        assert abs(record["paired_ratio_to_raw"] - statistics.median(t / r for t, r in rounds)) < 1e-9
     # The tables printed on stdout carry one row per record.
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| runner")]
     assert len(rows) == len(records)

@@ -168,6 +168,9 @@ class LightningAsync(Saver):
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        from lightning_env import import_lightning
+
+        import_lightning()  # its environment variables stay out of the other rows' runs
         from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
         self.model, self.optimizer = model, optimizer
@@ -304,6 +307,9 @@ def unavailable(name: str) -> str | None:
     """Why row ``name`` cannot run with this installation and commit, or None when it can."""
     if name == LIGHTNING_ASYNC:
         try:
+            from lightning_env import import_lightning
+
+            import_lightning()  # its environment variables stay out of the other rows' runs
             from lightning.pytorch.plugins.io import AsyncCheckpointIO  # noqa: F401
         except ImportError as err:
             return f"Lightning is not importable ({err}); install the bench extra: pip install -e '.[bench]'"

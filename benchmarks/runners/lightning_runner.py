@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 
 from models import ACCUMULATION, MAX_GRAD_NORM, Case
-from runners import import_lightning
+from lightning_env import import_lightning
 
 L = import_lightning()  # the environment Lightning's import sets is given back only to these runners
 ModelCheckpoint = L.pytorch.callbacks.ModelCheckpoint
