@@ -74,3 +74,16 @@ def test_a_nan_inside_a_window_is_named_and_vetoes_the_save_of_that_window(tmp_p
     newest = directory.newest_valid()
     assert newest.step == 1  # the NaN model was never saved
     assert all(torch.isfinite(t).all() for t in directory.load(newest)["model"].values())
+
+
+def test_a_nan_found_in_the_loggers_reads_is_named_by_its_own_micro_batch(tmp_path, monkeypatch):
+    # NaN from micro-batch 11 (window 3: iterations 9-12). The loggers read steps 3-4 at iteration 16; the guard's
+    # periodic check right after sees a non-finite window mean there and reads that window's losses one by one.
+    _, trainer, stack = standard_trainer(tmp_path, nan_from(11), log_every=2, checkpoint_every_steps=None)
+    reread = []
+    first_non_finite = nan_guard_module._first_non_finite
+    monkeypatch.setattr(nan_guard_module, "_first_non_finite", lambda values: reread.append(len(values)) or first_non_finite(values))
+    with pytest.warns(RuntimeWarning, match="at iteration 11"):
+        state = trainer.run(TRAIN, max_epochs=1)
+    assert state.iteration == 16 and state.stopped_by == "NanGuard: non-finite loss or gradient norm at iteration 11"
+    assert reread == [10]  # once, at that check: its 8 losses and 2 norms (the check at iteration 8 read nothing)
