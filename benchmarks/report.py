@@ -42,7 +42,7 @@ def tables(records: list[dict[str, Any]]) -> str:
         for r in rows:
             out.append(
                 f"| {r['runner']} | {r['us_per_iter']:.1f} | {r['us_per_iter_min']:.1f}–{r['us_per_iter_max']:.1f} "
-                f"| {r['samples_per_s']:.0f} | {_cell(r['ratio_to_raw'], '.3f')} | {_cell(r.get('paired_ratio_to_raw'), '.3f')} "
+                f"| {r['samples_per_s']:.0f} | {_cell(r['ratio_to_raw'], '.3f')} | {_cell(r['paired_ratio_to_raw'], '.3f')} "
                 f"| {r['cpu_us_per_iter']:.1f} "
                 f"| {_cell(r['cpu_ratio_to_raw'], '.3f')} | {_cell(r['checkpoints'], 'd')} "
                 f"| {_cell(r['peak_mem_mb'], '.0f')} | {_cell(r['host_syncs_per_iter'], '.2f')} |"

@@ -26,14 +26,13 @@ from engine_kit.doctor import (
     check_overfitting,
     check_parameters,
     check_schedule,
-    check_steps,
     check_train_mode,
     check_validation_data,
     check_weight_decay,
     parameter_groups_with_non_finite,
     planned_optimizer_steps,
 )
-from engine_kit.doctor.step_checks import first_non_finite
+from engine_kit.doctor.step_checks import check_steps_after, first_non_finite
 from engine_kit.doctor.validation_checks import loss_key
 from engine_kit.engine import cleanup_handler
 from engine_kit.errors import fix_message
@@ -324,8 +323,8 @@ class Doctor(Handler):
         bad_groups = None
         if final and bad is not None and "non-finite" not in self.codes:
             bad_groups = parameter_groups_with_non_finite(engine.step.optimizer)  # once, at the end
-        found = check_steps(rows, engine.step.max_grad_norm, self._planned or len(rows), self.settings,
-                            final=final, bad_groups=bad_groups)
+        found = check_steps_after(rows, bad, engine.step.max_grad_norm, self._planned or len(rows), self.settings,
+                                  final=final, bad_groups=bad_groups)
         if final:
             self._refresh(found)
         self.report(found)

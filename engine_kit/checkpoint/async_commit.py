@@ -140,7 +140,7 @@ class AsyncCommits:
     def close(self) -> None:
         """:meth:`flush`, then let the writer thread exit (a later commit starts a new one)."""
         try:
-            self._saves.settle()
+            self.flush()
         finally:
             self._saves.stop_writer()
 

@@ -228,7 +228,12 @@ def _grad_norm_trend(steady_and_first: tuple[list[Row], int], planned: int, sett
 def check_steps(rows: Sequence[Row], max_grad_norm: float | None, planned: int, settings: DoctorSettings,
                 *, final: bool, bad_groups: list[int] | None = None) -> list[Finding]:
     """Every step-log check: non-finite values, loss trend, clipping share, gradient-norm trend."""
-    bad = first_non_finite(rows)
+    return check_steps_after(rows, first_non_finite(rows), max_grad_norm, planned, settings, final=final, bad_groups=bad_groups)
+
+
+def check_steps_after(rows: Sequence[Row], bad: Row | None, max_grad_norm: float | None, planned: int,
+                      settings: DoctorSettings, *, final: bool, bad_groups: list[int] | None = None) -> list[Finding]:
+    """``check_steps`` for a caller that already knows ``first_non_finite(rows)`` (``bad``): rows are scanned once."""
     findings = _non_finite(rows, bad, bad_groups)
     # The finite prefix and the steady state once here, shared by the checks below.
     clean = _stepped_before(rows, bad)
