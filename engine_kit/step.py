@@ -163,6 +163,11 @@ class TrainStep:
         # The loss is checked on the first micro-batch of each run (and after a state load);
         # later micro-batches are checked only when backward fails, to explain the failure.
         self._loss_checked = False
+        # The window weight of a float32 loss, as a tensor (see _weight_tensor); other devices
+        # (whose kernels may not take a CPU scalar) and other loss dtypes multiply by the float.
+        self._weight_as_tensor = device.type in ("cpu", "cuda")
+        self._cached_weight: float | None = None
+        self._cached_weight_tensor: torch.Tensor | None = None
         self._window_length = 0
         self._window_total = 0.0
         self._window_samples: int | torch.Tensor = 0
@@ -212,9 +217,16 @@ class TrainStep:
             self._loss_checked = True
         weight = num_samples / self._window_total
         try:
-            # Exactly 1.0 for equal batches without accumulation: skip the extra graph node.
-            # (A tensor weight, from token counts, is never compared: that would sync.)
-            weighted = loss if isinstance(weight, float) and weight == 1.0 else loss * weight
+            if type(weight) is not float:
+                # A tensor weight, from token counts: never compared, that would sync.
+                weighted = loss * weight
+            elif weight == 1.0:
+                # Equal batches without accumulation: skip the extra graph node.
+                weighted = loss
+            elif loss.dtype is torch.float32 and self._weight_as_tensor:
+                weighted = loss * self._weight_tensor(weight)
+            else:
+                weighted = loss * weight
             self.scaler.scale(weighted).backward()
         except Exception:
             problem = _loss_problem(loss)
@@ -222,6 +234,21 @@ class TrainStep:
                 raise
             raise problem from None  # a loss that changed kind mid-run: say so, as on the first micro-batch
         return loss
+
+    def _weight_tensor(self, weight: float) -> torch.Tensor:
+        """``weight`` as a 0-dim float32 CPU tensor, kept while the weight stays the same.
+
+        Multiplying by a Python float makes torch wrap it in a new tensor on
+        every call, a noticeable share of a host-bound micro-batch. A float32
+        loss times a float32 scalar tensor gives the same bits as times the
+        float (both round the weight to float32 once), in the forward and in
+        backward. A CPU scalar tensor is an operand every CPU and CUDA kernel
+        takes as a plain argument: nothing is copied to the device.
+        """
+        if weight != self._cached_weight:
+            self._cached_weight = weight
+            self._cached_weight_tensor = torch.tensor(weight, dtype=torch.float32)
+        return self._cached_weight_tensor
 
     def recheck_loss(self) -> None:
         """Check the next micro-batch's loss in full again (a new run, or a state load, may change it)."""
