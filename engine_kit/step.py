@@ -218,7 +218,7 @@ class TrainStep:
         weight = num_samples / self._window_total
         try:
             if type(weight) is not float:
-                # A tensor weight, from token counts: never compared, that would sync.
+                # A tensor weight (token counts: never compared, that would sync) or another number type.
                 weighted = loss * weight
             elif weight == 1.0:
                 # Equal batches without accumulation: skip the extra graph node.
